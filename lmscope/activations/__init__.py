@@ -1,0 +1,1 @@
+"""Activations: the on-disk activation store (write, resume, stream)."""

@@ -1,0 +1,1 @@
+"""Data: document readers, the tokenized corpus format, the default corpus, Megatron readers."""

@@ -1,0 +1,1 @@
+"""Suites: catalogs of checkpoints (revision ↔ step ↔ tokens seen) and checkpoint selectors."""
