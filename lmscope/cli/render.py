@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -66,5 +67,5 @@ def print_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> Non
     for key in rows[0]:
         table.add_column(str(key))
     for row in rows:
-        table.add_row(*(_short(value) for value in row.values()))
+        table.add_row(*(escape(_short(value)) for value in row.values()))
     stdout.print(table)

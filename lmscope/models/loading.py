@@ -109,6 +109,9 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         raise LmscopeError(f"GGUF file {str(path)!r} does not exist; check the path after 'gguf:'.")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    tqdm_disable = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantiser draws its own tqdm bar
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
@@ -116,6 +119,10 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         raise LmscopeError(f"GGUF file {str(path)!r} could not be read ({_first_line(err)}); is it a complete GGUF model?") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if tqdm_disable is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_disable
     return model, tokenizer
 
 
@@ -134,8 +141,17 @@ def default_model_dir() -> Path:
     model, tokenizer = _load_gguf(gguf, torch.float32)
     if target.exists():  # a partial directory from another writer that lost a race
         return target
+    # A GGUF-loaded model counts as quantized and refuses save_pretrained: copy its
+    # dequantised weights into a plain model built from the same config.
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
     with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp)
+        plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_VERSION} {gguf.name}\n")
     return target
@@ -269,6 +285,9 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # lmscope reports its own progress; HF's bars would interleave
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
@@ -285,6 +304,7 @@ def load_model(
         source = str(path)
     elif spec.kind == "local":
         directory = resolve_local(spec)
+        _check_safetensors(directory)
         try:
             model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
         except (OSError, ValueError, KeyError) as err:
@@ -298,6 +318,20 @@ def load_model(
     model.eval()
     model.to(torch_device)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source)
+
+
+def _check_safetensors(directory: Path) -> None:
+    """Raise one sentence naming a corrupt or truncated ``*.safetensors`` file in ``directory``."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):  # validates the header against the file size
+                pass
+        except SafetensorError as err:
+            raise LmscopeError(
+                f"weights file {str(path)!r} is corrupt or truncated ({_first_line(err)}); re-download or re-save it."
+            ) from None
 
 
 def _has_tokenizer(directory: Path) -> bool:
