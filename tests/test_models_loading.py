@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lmscope.errors import LmscopeError
-from lmscope.models.loading import load_model, nearest_revisions, resolve_dtype
+from lmscope.models.loading import load_model, resolve_dtype
+from lmscope.suites.revisions import nearest_revisions
 from lmscope.models.spec import parse_spec
 from tiny_models import tiny_inputs, tiny_model
 
