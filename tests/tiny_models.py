@@ -27,10 +27,10 @@ TINY_ARCHITECTURES: dict[str, tuple[str, dict, str]] = {
 }
 
 
-def tiny_model(label: str, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+def tiny_model(label: str, attn_implementation: str = "sdpa", seed: int = 0, vocab_size: int = VOCAB) -> torch.nn.Module:
     """A random-initialised fp32 causal LM of architecture ``label``, in eval mode."""
     config_name, kwargs, model_name = TINY_ARCHITECTURES[label]
-    config = getattr(transformers, config_name)(vocab_size=VOCAB, **kwargs)
+    config = getattr(transformers, config_name)(vocab_size=vocab_size, **kwargs)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config)

@@ -134,9 +134,10 @@ class HookedModel:
             (``gpt_neox``, ``llama``, ``olmo``, ``olmo2``, ``gpt2``; also ``mistral``, ``qwen2``).
         tokenizer: its tokenizer, if any (used by :meth:`to_tokens`).
         spec: the model spec it was loaded from, recorded in results.
+        source: the directory, file or hub id@revision the weights were read from.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, spec: str | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any = None, spec: str | None = None, source: str | None = None) -> None:
         try:
             self.arch: ArchitectureMap = architecture_map(model.config)
         except KeyError:
@@ -147,6 +148,7 @@ class HookedModel:
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
+        self.source = source
         self.config = model.config
         self.n_layers: int = len(_get_module(model, self.arch.layers))
         self.n_heads: int = model.config.num_attention_heads
@@ -160,7 +162,7 @@ class HookedModel:
         from lmscope.models.loading import load_model
 
         loaded = load_model(spec, dtype=dtype, device=device)
-        return cls(loaded.model, loaded.tokenizer, spec=str(loaded.spec))
+        return cls(loaded.model, loaded.tokenizer, spec=str(loaded.spec), source=loaded.source)
 
     # -- hook points -----------------------------------------------------------------
 

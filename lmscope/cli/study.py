@@ -1,0 +1,44 @@
+"""``lmscope study``: the main job, from a TOML config (or the default study) into a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lmscope.cli import app
+from lmscope.cli.render import print_json, print_table, progress_bars, stdout
+
+
+@app.command("study")
+def study(
+    config: Path = typer.Argument(None, help="Study TOML file; leave out for the default study."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories go."),
+    name: str = typer.Option(None, help="Override the study name (the run directory's name)."),
+    model: str = typer.Option(None, help="Override the model spec."),
+    device: str = typer.Option(None, help="Override the device: auto, cpu, cuda, cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Run a study: corpus, model, activations; rerun to resume a killed one."""
+    from lmscope.study import load_study_config, run_study
+
+    cfg = load_study_config(config)
+    for field_name, value in (("name", name), ("model", model), ("device", device)):
+        if value is not None:
+            setattr(cfg, field_name, value)
+    cfg.__post_init__()
+    with progress_bars(enabled=not as_json) as progress:
+        summary = run_study(cfg, runs_dir, progress=progress)
+    if as_json:
+        print_json(summary)
+        return
+    corpus = summary["corpus"]
+    stdout.print(
+        f"[bold]study {summary['study']}[/]: model {summary['model']} ({summary['model_type']}, {summary['n_layers']} layers) "
+        f"on {summary['device']}; corpus {corpus['documents']:,} documents, {corpus['tokens']:,} tokens, "
+        f"domains {', '.join(corpus['domains'])}",
+        highlight=False,
+    )
+    print_table(summary["activations"], title="activations captured")
+    timings = "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in summary["timings"].items())
+    stdout.print(f"timings: {timings}\nrun directory: {runs_dir / summary['study']}", highlight=False)

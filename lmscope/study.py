@@ -1,0 +1,284 @@
+"""The main job: run a study from a TOML config into a run directory.
+
+At this stage a study builds (or reuses) the corpus, loads the model, writes the
+activations of the chosen hooks over part of the held-out split, and summarises
+them. Later stages add their steps here, each reading and writing the same run
+directory::
+
+    runs/<name>/
+      study.toml        the resolved config
+      manifest.json     every artifact with its sha256 and size, versions, timings
+      summary.json      what the study found, as printed
+      activations/      the activation store (resumable)
+
+A killed study resumes: the corpus and the model are cached, and the activation
+store skips the shards it already holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+import lmscope
+from lmscope.errors import LmscopeError
+from lmscope.fsio import atomic_write_json, atomic_write_text, sha256_file
+from lmscope.progress import Progress, no_progress
+
+
+@dataclass
+class ActivationsConfig:
+    """Which activations the study captures."""
+
+    hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_post"])
+    """Hook names to capture (``lmscope models hooks SPEC`` lists them)."""
+    tokens: int = 16384
+    """Token positions to capture per hook."""
+    ctx: int = 128
+    """Context length of each forward pass, in tokens."""
+    split: Literal["heldout", "train"] = "heldout"
+    """Which split of the corpus the contexts come from."""
+    batch_size: int = 8
+    """Contexts per forward pass."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Storage dtype of the activations."""
+
+    def __post_init__(self) -> None:
+        if not self.hooks:
+            raise LmscopeError("[activations] hooks is empty; name at least one hook, e.g. blocks.6.hook_resid_post.")
+        if self.tokens <= 0 or self.ctx <= 0 or self.batch_size <= 0:
+            raise LmscopeError("[activations] tokens, ctx and batch_size must be positive integers.")
+        if self.split not in ("heldout", "train"):
+            raise LmscopeError(f"[activations] split {self.split!r} is not a split; use heldout or train.")
+
+
+@dataclass
+class StudyConfig:
+    """A study: one model, one corpus, and what to measure. The same object feeds the CLI, the TOML file and the API."""
+
+    name: str = "default"
+    """Run name; the run directory is ``<runs_dir>/<name>``."""
+    model: str = "default"
+    """Model spec (``OWNER/NAME@REV``, ``DIR[@REV]``, ``gguf:FILE`` or ``default``)."""
+    corpus: str = "default"
+    """``default`` (the Debian-documentation corpus, tokenized for the model) or a tokenized corpus directory."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model weights dtype."""
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``."""
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    """The activation capture step."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.activations, dict):
+            self.activations = _from_mapping(ActivationsConfig, self.activations, "[activations]")
+        if not self.name or any(ch in self.name for ch in "/\\") or self.name.startswith("."):
+            raise LmscopeError(f"study name {self.name!r} must be a plain directory name (no slashes, not hidden).")
+
+
+def _from_mapping(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise LmscopeError(f"{where} has unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}.")
+    return cls(**data)
+
+
+def load_study_config(path: str | os.PathLike[str] | None) -> StudyConfig:
+    """Read a study TOML file (``None``: the default study)."""
+    if path is None:
+        return StudyConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise LmscopeError(f"study config {str(path)!r} does not exist; give a TOML file or no argument for the default study.")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise LmscopeError(f"study config {str(path)!r} is not valid TOML ({err}); fix the file.") from None
+    body = data.get("study", data)
+    try:
+        return _from_mapping(StudyConfig, body, str(path))
+    except TypeError as err:
+        raise LmscopeError(f"study config {str(path)!r} has a value of the wrong type ({err}).") from None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(type(value))
+
+
+def config_to_toml(config: StudyConfig) -> str:
+    """The config as TOML that :func:`load_study_config` reads back to an equal config."""
+    lines = ["[study]"]
+    tables: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            tables.append((f.name, value))
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    for name, table in tables:
+        lines += ["", f"[study.{name}]"]
+        lines += [f"{f.name} = {_toml_value(getattr(table, f.name))}" for f in dataclasses.fields(table)]
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    versions = {"lmscope": lmscope.__version__, "python": platform.python_version()}
+    for package in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "pyarrow"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _artifacts(run_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(run_dir.rglob("*")):
+        if path.is_file() and not path.name.startswith(".") and path.name != "manifest.json":
+            rows.append({"path": str(path.relative_to(run_dir)), "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    return rows
+
+
+def _activation_summary(store_dir: Path) -> list[dict[str, Any]]:
+    """Per hook: rows, width, mean L2 norm per row, mean and std of entries, streamed shard by shard."""
+    from lmscope.activations.reader import ActivationStore
+
+    store = ActivationStore.open(store_dir)
+    rows: list[dict[str, Any]] = []
+    for hook in store.hooks:
+        count, total, total_sq, norm_sum = 0, 0.0, 0.0, 0.0
+        for batch in store.stream(hook, batch_size=4096, seed=0, shuffle=False):
+            x = batch.double()
+            count += x.shape[0]
+            total += x.sum().item()
+            total_sq += (x * x).sum().item()
+            norm_sum += x.norm(dim=-1).sum().item()
+        d = store.d(hook)
+        mean = total / (count * d)
+        rows.append({
+            "hook": hook,
+            "rows": count,
+            "d": d,
+            "mean_row_norm": norm_sum / count,
+            "mean": mean,
+            "std": math.sqrt(max(total_sq / (count * d) - mean * mean, 0.0)),
+        })
+    return rows
+
+
+def _rows_by_domain(store_dir: Path) -> dict[str, int]:
+    """How many captured token positions came from each domain."""
+    from lmscope.activations.reader import ActivationStore
+
+    store = ActivationStore.open(store_dir)
+    doc_index = store.metadata["doc_index"]
+    table = store.documents
+    domain_of = dict(zip(table.column("doc_index").to_pylist(), table.column("domain").to_pylist()))
+    counts: dict[str, int] = {}
+    for index, count in zip(*np.unique(doc_index[doc_index >= 0], return_counts=True)):
+        domain = domain_of.get(int(index), "?")
+        counts[domain] = counts.get(domain, 0) + int(count)
+    return dict(sorted(counts.items()))
+
+
+def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", progress: Progress = no_progress) -> dict[str, Any]:
+    """Run a study into ``runs_dir/<config.name>`` and return its summary (also written to ``summary.json``)."""
+    from lmscope.activations.job import capture_corpus_activations
+    from lmscope.data.tokenized import TokenizedCorpus
+    from lmscope.models.hooks import HookedModel
+
+    run_dir = Path(runs_dir) / config.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = run_dir / "study.toml"
+    if previous.is_file() and load_study_config(previous) != config:
+        raise LmscopeError(
+            f"run directory {str(run_dir)!r} holds a different study; choose another name, or delete the directory to start over."
+        )
+    atomic_write_text(previous, config_to_toml(config))
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    timings: dict[str, float] = {}
+
+    clock = time.perf_counter()
+    if config.corpus == "default":
+        from lmscope.data.default_corpus import ensure_default_corpus
+
+        corpus_dir = ensure_default_corpus(config.model, progress=progress)
+    else:
+        corpus_dir = Path(config.corpus)
+    corpus = TokenizedCorpus.open(corpus_dir)
+    timings["corpus_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    progress("load model", 0, 1)
+    hooked = HookedModel.from_spec(config.model, dtype=config.dtype, device=config.device)
+    progress("load model", 1, 1)
+    for hook in config.activations.hooks:
+        hooked.hook_point(hook)
+    timings["load_model_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    act = config.activations
+    capture_corpus_activations(
+        hooked,
+        corpus,
+        act.hooks,
+        act.tokens,
+        act.ctx,
+        run_dir / "activations",
+        split=act.split,
+        batch_size=act.batch_size,
+        dtype=act.dtype,
+        meta={"model": config.model, "model_dtype": config.dtype, "source": hooked.source},
+        progress=progress,
+    )
+    timings["activations_s"] = time.perf_counter() - clock
+
+    corpus_stats = {"path": str(corpus_dir), "documents": len(corpus), "tokens": int(corpus.n_tokens), "domains": corpus.domains}
+    summary = {
+        "study": config.name,
+        "model": config.model,
+        "model_type": hooked.config.model_type,
+        "n_layers": hooked.n_layers,
+        "device": str(hooked.device),
+        "corpus": corpus_stats,
+        "activations": _activation_summary(run_dir / "activations"),
+        "activation_rows_by_domain": _rows_by_domain(run_dir / "activations"),
+        "timings": timings,
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    manifest = {
+        "lmscope_version": lmscope.__version__,
+        "model": {"spec": config.model, "source": hooked.source, "dtype": config.dtype, "device": str(hooked.device)},
+        "started": started,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": dataclasses.asdict(config),
+        "versions": _versions(),
+        "torch_threads": torch.get_num_threads(),
+        "timings": timings,
+        "artifacts": _artifacts(run_dir),
+    }
+    atomic_write_json(run_dir / "manifest.json", manifest)
+    return summary
