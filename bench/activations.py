@@ -6,10 +6,14 @@ Same model, same batches, same run. Three ways to get one hook's activations:
 - ``hf_hidden_states``: ``model(ids, output_hidden_states=True)`` — what a user of plain
   ``transformers`` does to read the residual stream;
 - ``capture_full``: ``HookedModel.run_with_cache(ids, [hook])`` with logits — the capture overhead;
-- ``capture_stop``: the same with ``need_logits=False``, which stops after the hooked layer.
+- ``capture_stop``: the same with ``need_logits=False``, which stops after the hooked layer;
+- ``store_full`` / ``store_stop``: the whole ``write_activations`` path (capture, then
+  sharded safetensors with row metadata, sha256 and manifest written to disk), with and
+  without logits — what ``lmscope activations`` costs end to end.
 
 Each method runs ``--repeats`` times, interleaved so that machine noise hits all of them
-alike; the median is reported. The capture overhead is ``capture_full / hf_forward - 1``.
+alike; the median is reported. The capture overhead is ``capture_full / hf_forward - 1`` (in memory) and
+``store_full / hf_forward - 1`` (written to disk).
 
 Run: ``.venv/bin/python bench/activations.py [--batch 8 --ctx 256 --batches 4 --hook blocks.6.hook_resid_post]``
 """
@@ -19,12 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from lmscope.activations.contexts import Context
+from lmscope.activations.store import write_activations
 from lmscope.data.default_corpus import ensure_default_corpus
 from lmscope.data.tokenized import TokenizedCorpus
 from lmscope.models.hooks import HookedModel
@@ -82,7 +91,28 @@ def main() -> None:
         for ids in batches:
             hooked.run_with_cache(ids, [args.hook], need_logits=False)
 
-    methods = {"hf_forward": hf_forward, "hf_hidden_states": hf_hidden_states, "capture_full": capture_full, "capture_stop": capture_stop}
+    contexts = [
+        Context(tokens=row.cpu().numpy(), doc_index=np.zeros(args.ctx, np.int64), position=np.arange(args.ctx, dtype=np.int32), n_valid=args.ctx)
+        for b in batches for row in b
+    ]
+    scratch = Path(tempfile.mkdtemp(prefix="lmscope-bench-"))
+
+    def store(need_logits: bool) -> None:
+        def capture(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+            return hooked.run_with_cache(ids.to(hooked.device), [args.hook], need_logits=need_logits)[1]
+
+        write_activations(capture, contexts, [args.hook], scratch / "store", batch_size=args.batch, overwrite=True,
+                          meta={"bench": need_logits})
+        shutil.rmtree(scratch / "store")
+
+    methods = {
+        "hf_forward": hf_forward,
+        "hf_hidden_states": hf_hidden_states,
+        "capture_full": capture_full,
+        "capture_stop": capture_stop,
+        "store_full": lambda: store(True),
+        "store_stop": lambda: store(False),
+    }
     hf_forward()  # warm-up
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(args.repeats):
@@ -102,15 +132,18 @@ def main() -> None:
         "tokens_per_run": tokens,
         "tokens_per_s": {name: tokens / t for name, t in median.items()},
         "capture_overhead_vs_hf_forward": median["capture_full"] / median["hf_forward"] - 1,
+        "store_overhead_vs_hf_forward": median["store_full"] / median["hf_forward"] - 1,
         "stop_early_speedup_vs_hf_hidden_states": median["hf_hidden_states"] / median["capture_stop"],
         "seconds": seconds,
     }
+    shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     for name, rate in result["tokens_per_s"].items():
         print(f"{name:>18}: {rate:8.1f} tokens/s")
-    print(f"capture overhead vs plain forward: {100 * result['capture_overhead_vs_hf_forward']:+.1f}%")
+    print(f"capture overhead vs plain forward: {100 * result['capture_overhead_vs_hf_forward']:+.1f}% in memory, "
+          f"{100 * result['store_overhead_vs_hf_forward']:+.1f}% written to disk")
     print(f"stop-early capture vs output_hidden_states: {result['stop_early_speedup_vs_hf_hidden_states']:.2f}x faster")
 
 

@@ -21,6 +21,21 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        import lmscope
+
+        typer.echo(f"lmscope {lmscope.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Study language models through weights at every checkpoint, training data and data order."""
+
+
 def _register() -> None:
     from lmscope.cli import activations, corpus, models, study, suites  # noqa: F401
 

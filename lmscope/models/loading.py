@@ -109,8 +109,6 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    tqdm_disable = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantiser draws its own tqdm bar
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
@@ -118,10 +116,6 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         raise LmscopeError(f"GGUF file {str(path)!r} could not be read ({_first_line(err)}); is it a complete GGUF model?") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-        if tqdm_disable is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = tqdm_disable
     return model, tokenizer
 
 
