@@ -251,7 +251,7 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         split=act.split,
         batch_size=act.batch_size,
         dtype=act.dtype,
-        meta={"model": config.model, "model_dtype": config.dtype, "source": hooked.source},
+        meta={"model": config.model, "model_dtype": config.dtype},
         progress=progress,
     )
     timings["activations_s"] = time.perf_counter() - clock

@@ -83,3 +83,11 @@ def test_bad_document_tokens_are_named() -> None:
         list(iter_contexts([(7, np.zeros((2, 2), dtype=np.int64))], ctx_len=4, n_tokens=10))
     with pytest.raises(LmscopeError, match="document 3"):
         list(iter_contexts([(3, np.array([0.5, 1.5]))], ctx_len=4, n_tokens=10))
+
+
+def test_round_robin_by_domain_takes_turns_and_keeps_order() -> None:
+    from lmscope.activations.job import round_robin_by_domain
+
+    items = [(0, "a0", "a", None), (1, "a1", "a", None), (2, "a2", "a", None), (3, "b0", "b", None), (4, "c0", "c", None), (5, "b1", "b", None)]
+    assert [item[1] for item in round_robin_by_domain(items)] == ["a0", "b0", "c0", "a1", "b1", "a2"]
+    assert list(round_robin_by_domain([])) == []

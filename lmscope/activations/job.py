@@ -8,7 +8,7 @@ returning ``(logits, {hook: Tensor[batch, pos, ...]})``; ``corpus`` needs
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,24 @@ from lmscope.activations.store import write_activations
 from lmscope.fsio import sha256_file
 from lmscope.progress import Progress, no_progress
 
-CONTEXT_POLICY = "document-windows-right-padded/v1"
+CONTEXT_POLICY = "document-windows-right-padded/domain-round-robin/v2"
 """Name of the context policy of :func:`lmscope.activations.contexts.iter_contexts`; bump when it changes."""
+
+
+def round_robin_by_domain(items: Iterable[tuple[int, str, str, Any]]) -> Iterator[tuple[int, str, str, Any]]:
+    """Reorder ``(doc_index, id, domain, tokens)`` items: first document of each domain, then the second, …
+
+    Domains take turns in order of first appearance; within a domain the input order is kept.
+    Deterministic. Holds the items (token arrays are memmap views, so this is cheap) until yielded.
+    """
+    by_domain: dict[str, list[tuple[int, str, str, Any]]] = {}
+    for item in items:
+        by_domain.setdefault(item[2], []).append(item)
+    queues = list(by_domain.values())
+    for rank in range(max((len(q) for q in queues), default=0)):
+        for queue in queues:
+            if rank < len(queue):
+                yield queue[rank]
 
 
 def capture_corpus_activations(
@@ -52,7 +68,9 @@ def capture_corpus_activations(
 
     Args:
         hooks: hook names to store; ``n_tokens``: rows to store (BOS included); ``ctx``: context length.
-        split, domain: which documents of the corpus to read (``None``: all), in corpus order.
+        split, domain: which documents of the corpus to read (``None``: all). Documents are taken
+            round-robin across domains (see :func:`round_robin_by_domain`), so that a token budget
+            smaller than the corpus still samples every domain.
         dtype: storage dtype of the activations; the model runs in whatever dtype it was loaded in.
         shard_tokens: rows per shard (at least; shards end on batch boundaries). Shards are held in
             memory while filled: ``shard_tokens * d * bytes`` per hook.
@@ -65,7 +83,7 @@ def capture_corpus_activations(
     documents: dict[int, dict[str, str]] = {}
 
     def corpus_documents() -> Iterator[tuple[int, np.ndarray]]:
-        for doc_index, doc_id, doc_domain, tokens in corpus.iter_documents(split=split, domain=domain):
+        for doc_index, doc_id, doc_domain, tokens in round_robin_by_domain(corpus.iter_documents(split=split, domain=domain)):
             documents[int(doc_index)] = {"id": str(doc_id), "domain": str(doc_domain)}
             yield int(doc_index), tokens
 

@@ -40,5 +40,7 @@ def study(
         highlight=False,
     )
     print_table(summary["activations"], title="activations captured")
+    by_domain = ", ".join(f"{domain} {rows:,}" for domain, rows in summary["activation_rows_by_domain"].items())
+    stdout.print(f"captured token positions by domain: {by_domain}", highlight=False)
     timings = "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in summary["timings"].items())
     stdout.print(f"timings: {timings}\nrun directory: {runs_dir / summary['study']}", highlight=False)
