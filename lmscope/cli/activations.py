@@ -7,12 +7,13 @@ from pathlib import Path
 import typer
 
 from lmscope.cli import app
+from lmscope.cli.options import SPEC_HELP, DeviceOption, DtypeOption, JsonOption
 from lmscope.cli.render import print_json, print_table, progress_bars, stdout
 
 
 @app.command("activations")
 def activations(
-    model: str = typer.Option(..., "--model", help="Model spec (OWNER/NAME@REV, DIR[@REV], gguf:FILE or default)."),
+    model: str = typer.Option(..., "--model", help=SPEC_HELP),
     hook: list[str] = typer.Option(..., "--hook", help="Hook name; repeat for several (see `lmscope models hooks`)."),
     corpus: Path = typer.Option(..., "--corpus", help="Tokenized corpus directory (`lmscope corpus tokenize`)."),
     tokens: int = typer.Option(..., "--tokens", help="Token positions to capture."),
@@ -23,10 +24,10 @@ def activations(
     batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
     shard_tokens: int = typer.Option(16384, "--shard-tokens", help="Rows per shard file."),
     store_dtype: str = typer.Option("float32", "--store-dtype", help="Storage dtype: float32, bfloat16, float16."),
-    dtype: str = typer.Option("float32", help="Model weights dtype."),
-    device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N."),
+    dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     overwrite: bool = typer.Option(False, help="Replace a store written with other arguments instead of refusing."),
-    as_json: bool = typer.Option(False, "--json", help="Print the store manifest summary as JSON."),
+    as_json: JsonOption = False,
 ) -> None:
     """Capture activations into sharded safetensors; rerun the same command to resume after a kill."""
     from lmscope.activations.job import capture_corpus_activations

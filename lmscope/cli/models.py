@@ -5,20 +5,19 @@ from __future__ import annotations
 import typer
 
 from lmscope.cli import app
+from lmscope.cli.options import DeviceOption, DtypeOption, JsonOption, SpecArgument
 from lmscope.cli.render import print_json, print_table, stdout
 
 models_app = typer.Typer(help="Load models at any checkpoint and list their hook points.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-SPEC_HELP = "Model spec: OWNER/NAME@REV, hf:OWNER/NAME@REV, DIR[@REV], gguf:FILE or 'default'."
-
 
 @models_app.command("hooks")
 def hooks(
-    spec: str = typer.Argument(..., help=SPEC_HELP),
-    dtype: str = typer.Option("float32", help="Weights dtype: float32, bfloat16 or float16."),
-    device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    spec: SpecArgument,
+    dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
 ) -> None:
     """List every hook point of a model with its shape."""
     from lmscope.models.hooks import HookedModel
@@ -34,10 +33,10 @@ def hooks(
 
 @models_app.command("info")
 def info(
-    spec: str = typer.Argument(..., help=SPEC_HELP),
-    dtype: str = typer.Option("float32", help="Weights dtype: float32, bfloat16 or float16."),
-    device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    spec: SpecArgument,
+    dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
 ) -> None:
     """Load a model and say what it is: architecture, size, revision, source."""
     from lmscope.models.loading import load_model

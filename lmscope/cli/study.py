@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lmscope.cli import app
+from lmscope.cli.options import JsonOption
 from lmscope.cli.render import print_json, print_table, progress_bars, stdout
 
 
@@ -17,7 +18,7 @@ def study(
     name: str = typer.Option(None, help="Override the study name (the run directory's name)."),
     model: str = typer.Option(None, help="Override the model spec."),
     device: str = typer.Option(None, help="Override the device: auto, cpu, cuda, cuda:N."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: JsonOption = False,
 ) -> None:
     """Run a study: corpus, model, activations; rerun to resume a killed one."""
     from lmscope.study import load_study_config, run_study
