@@ -72,3 +72,36 @@ def checkpoints(
         print_json(rows)
     else:
         print_table(rows, title=f"{name} — {len(rows)} checkpoints")
+
+
+@suites_app.command("audit")
+def audit(
+    spec: Annotated[str, typer.Argument(help="A catalogued model (EleutherAI/pythia-70m; reads the HF cache only) or SUITE_DIR/SIZE.")],
+    select: Annotated[str | None, typer.Option("--select", "-s", help=f"Checkpoint selector: {SELECTOR_FORMS}.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Hash each checkpoint's weights; report missing, byte-identical and non-finite checkpoints."""
+    from lmscope.cli.render import progress_bars, stdout
+    from lmscope.suites.audit import audit_checkpoints, audit_summary
+
+    with progress_bars(enabled=not json_output) as progress:
+        rows = audit_checkpoints(spec, select, progress=progress)
+    summary = audit_summary(rows)
+    if json_output:
+        print_json({"spec": spec, "summary": summary, "checkpoints": [row.to_dict() for row in rows]})
+        return
+    print_table(
+        [
+            {"revision": r.revision, "step": r.step, "status": r.status, "sha256": (r.weights_sha256 or "-")[:12],
+             "nonfinite": r.nonfinite, "same as": r.duplicate_of or ""}
+            for r in rows
+        ],
+        title=f"audit of {spec}",
+    )
+    stdout.print(
+        f"{summary['present']}/{summary['checkpoints']} present, {summary['distinct_weights']} distinct weights; "
+        f"missing: {', '.join(summary['missing']) or 'none'}; "
+        f"duplicate groups: {len(summary['duplicate_groups'])} ({summary['equal_to_final']} revisions equal the final weights); "
+        f"non-finite: {', '.join(summary['nonfinite']) or 'none'}",
+        highlight=False,
+    )
