@@ -1,8 +1,9 @@
 """The main job: run a study from a TOML config into a run directory.
 
 At this stage a study builds (or reuses) the corpus, loads the model, writes the
-activations of the chosen hooks over part of the held-out split, and summarises
-them. Later stages add their steps here, each reading and writing the same run
+activations of the chosen hooks over part of the held-out split, summarises them,
+and trains (or reuses) the mini suite, reporting how much each size learned and
+which documents its first training step saw. Later stages add their steps here, each reading and writing the same run
 directory::
 
     runs/<name>/
@@ -80,6 +81,9 @@ class StudyConfig:
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``."""
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     """The activation capture step."""
+    suite: str = "default"
+    """Mini suite to train or reuse: ``default`` (the default suite, cached under ``$LMSCOPE_HOME``),
+    a trained suite directory, or ``none`` to skip."""
 
     def __post_init__(self) -> None:
         if isinstance(self.activations, dict):
@@ -204,6 +208,32 @@ def _rows_by_domain(store_dir: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _suite_summary(suite_dir: Path) -> dict[str, Any]:
+    """Sizes, held-out bits per byte against the unigram baseline, and what step 0 trained on."""
+    from lmscope.suites.replay import open_source, replay_step
+
+    meta = json.loads((suite_dir / "suite.json").read_text())
+    check_path = suite_dir / "learning_check.json"
+    check = json.loads(check_path.read_text()) if check_path.is_file() else {}
+    models = [
+        {"model": name, "params": meta.get("sizes", {}).get(row.get("size"), {}).get("params"), "step": row.get("step"),
+         "heldout_bits_per_byte": row.get("bits_per_byte")}
+        for name, row in check.get("models", {}).items()
+    ]
+    batch = replay_step(open_source(str(suite_dir)), 0)
+    return {
+        "path": str(suite_dir),
+        "steps": meta.get("steps"),
+        "tokens_per_step": meta.get("tokens_per_step"),
+        "checkpoints": len(meta.get("checkpoint_steps", [])),
+        "unigram_bits_per_byte": check.get("unigram", {}).get("bits_per_byte"),
+        "models": models,
+        "step0_rows": len(batch.rows),
+        "step0_documents": len(batch.documents()),
+        "step0_domains": batch.domains(),
+    }
+
+
 def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", progress: Progress = no_progress) -> dict[str, Any]:
     """Run a study into ``runs_dir/<config.name>`` and return its summary (also written to ``summary.json``)."""
     from lmscope.activations.job import capture_corpus_activations
@@ -256,6 +286,20 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
     )
     timings["activations_s"] = time.perf_counter() - clock
 
+    suite_summary = None
+    if config.suite != "none":
+        clock = time.perf_counter()
+        if config.suite == "default":
+            from lmscope.suites.train import ensure_default_suite
+
+            suite_dir = ensure_default_suite(progress, device=config.device)
+        else:
+            suite_dir = Path(config.suite)
+            if not (suite_dir / "suite.json").is_file():
+                raise LmscopeError(f"suite {config.suite!r} is not a trained suite directory (no suite.json); train one with `lmscope suite train`.")
+        suite_summary = _suite_summary(suite_dir)
+        timings["suite_s"] = time.perf_counter() - clock
+
     corpus_stats = {"path": str(corpus_dir), "documents": len(corpus), "tokens": int(corpus.n_tokens), "domains": corpus.domains}
     summary = {
         "study": config.name,
@@ -266,6 +310,7 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         "corpus": corpus_stats,
         "activations": _activation_summary(run_dir / "activations"),
         "activation_rows_by_domain": _rows_by_domain(run_dir / "activations"),
+        "suite": suite_summary,
         "timings": timings,
     }
     atomic_write_json(run_dir / "summary.json", summary)

@@ -74,7 +74,7 @@ def test_activations_command_bad_hook_lists_valid_ones(workspace: dict[str, Path
 def _config(workspace: dict[str, Path], **changes: object) -> StudyConfig:
     acts = ActivationsConfig(hooks=["blocks.2.hook_resid_post"], tokens=200, ctx=16, batch_size=4)
     return StudyConfig(name="t", model=str(workspace["model"]), corpus=str(workspace["corpus"]), device="cpu",
-                       activations=acts, **changes)
+                       activations=acts, suite="none", **changes)
 
 
 def test_study_writes_a_complete_run_directory(workspace: dict[str, Path], tmp_path: Path) -> None:

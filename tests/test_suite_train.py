@@ -436,3 +436,21 @@ def test_a_directory_holding_another_suite_is_refused(trained: dict) -> None:
     other = SuiteTrainConfig(name="other", corpus=str(trained["documents"]))
     with pytest.raises(LmscopeError, match="holds a different suite"):
         train_suite(other, trained["suite"])
+
+
+def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_path: Path) -> None:
+    """The main job on a mini suite: a checkpoint of it, its own corpus, and the suite's summary."""
+    from lmscope.study import ActivationsConfig, StudyConfig, run_study
+    from lmscope.suites.replay import open_source, replay_step
+
+    suite = trained["suite"]
+    config = StudyConfig(name="mini", model=f"{suite}/s32@step{STEPS}", corpus=str(suite / "corpus"), device="cpu",
+                         suite=str(suite), activations=ActivationsConfig(hooks=["blocks.0.hook_resid_post"], tokens=256, ctx=32))
+    summary = run_study(config, tmp_path)["suite"]
+    check = trained["summary"]
+    assert summary["unigram_bits_per_byte"] == check["unigram_bits_per_byte"]
+    assert {m["model"]: m["heldout_bits_per_byte"] for m in summary["models"]} == {
+        m["size"]: m["heldout_bits_per_byte"] for m in check["models"]}
+    batch = replay_step(open_source(str(suite)), 0)
+    assert summary["step0_rows"] == BATCH == len(batch.rows)
+    assert sum(summary["step0_domains"].values()) == sum(piece.length for pieces in batch.segments for piece in pieces)

@@ -43,5 +43,12 @@ def study(
     print_table(summary["activations"], title="activations captured")
     by_domain = ", ".join(f"{domain} {rows:,}" for domain, rows in summary["activation_rows_by_domain"].items())
     stdout.print(f"captured token positions by domain: {by_domain}", highlight=False)
+    suite = summary.get("suite")
+    if suite:
+        print_table(suite["models"], title=f"mini suite: {suite['steps']} steps × {suite['tokens_per_step']:,} tokens, "
+                    f"{suite['checkpoints']} checkpoints (unigram baseline {suite['unigram_bits_per_byte']:.3f} bits/byte)")
+        stdout.print(f"step 0 trained on {suite['step0_rows']} rows from {suite['step0_documents']} documents, tokens by domain: "
+                     f"{', '.join(f'{d} {n:,}' for d, n in suite['step0_domains'].items())}; suite at {suite['path']}",
+                     highlight=False)
     timings = "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in summary["timings"].items())
     stdout.print(f"timings: {timings}\nrun directory: {runs_dir / summary['study']}", highlight=False)
