@@ -35,6 +35,7 @@ import torch
 
 import lmscope
 from lmscope.errors import LmscopeError
+from lmscope.tomlio import toml_value
 from lmscope.fsio import atomic_write_json, atomic_write_text, sha256_file
 from lmscope.progress import Progress, no_progress
 
@@ -118,18 +119,6 @@ def load_study_config(path: str | os.PathLike[str] | None) -> StudyConfig:
         raise LmscopeError(f"study config {str(path)!r} has a value of the wrong type ({err}).") from None
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(type(value))
-
-
 def config_to_toml(config: StudyConfig) -> str:
     """The config as TOML that :func:`load_study_config` reads back to an equal config."""
     lines = ["[study]"]
@@ -139,10 +128,10 @@ def config_to_toml(config: StudyConfig) -> str:
         if dataclasses.is_dataclass(value):
             tables.append((f.name, value))
         else:
-            lines.append(f"{f.name} = {_toml_value(value)}")
+            lines.append(f"{f.name} = {toml_value(value)}")
     for name, table in tables:
         lines += ["", f"[study.{name}]"]
-        lines += [f"{f.name} = {_toml_value(getattr(table, f.name))}" for f in dataclasses.fields(table)]
+        lines += [f"{f.name} = {toml_value(getattr(table, f.name))}" for f in dataclasses.fields(table)]
     return "\n".join(lines) + "\n"
 
 

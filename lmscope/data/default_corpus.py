@@ -23,7 +23,6 @@ builder on a fake tree laid out like a Debian system.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -33,7 +32,6 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ import lmscope
 from lmscope.data.convert import Converted, Converter, convert_job, man_command
 from lmscope.data.debian import DPKG_DIR, installed_version, package_files
 from lmscope.errors import LmscopeError
+from lmscope.fsio import directory_lock
 from lmscope.fsio import atomic_path, atomic_write_json, sha256_file
 from lmscope.home import lmscope_home
 from lmscope.progress import Progress, no_progress
@@ -299,22 +298,11 @@ def read_documents_manifest(directory: Path) -> dict[str, Any] | None:
     return manifest
 
 
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def ensure_default_documents(root: str | os.PathLike[str] | None = None, progress: Progress = no_progress, **build_options: Any) -> Path:
     """The default corpus's documents file, built first if there is no finished build in ``root``."""
     root = Path(root) if root is not None else default_corpus_dir()
     if read_documents_manifest(root) is None:
-        with _locked(root):
+        with directory_lock(root):
             if read_documents_manifest(root) is None:
                 build_default_corpus(root, progress=progress, **build_options)
     return root / DOCUMENTS_FILE

@@ -40,7 +40,6 @@ the latest and ends with exactly the weights of an uninterrupted run.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -58,6 +57,7 @@ import torch
 
 import lmscope
 from lmscope.errors import LmscopeError
+from lmscope.fsio import directory_lock
 from lmscope.fsio import atomic_directory, atomic_path, atomic_write_json, sha256_file
 from lmscope.home import lmscope_home
 from lmscope.progress import Progress, no_progress
@@ -410,17 +410,6 @@ def suite_dir_for(config: SuiteTrainConfig, documents: Path) -> Path:
     return lmscope_home() / "suites" / f"{config.name}-{config.fingerprint(extra)}"
 
 
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def suite_metadata(config: SuiteTrainConfig, status: str, **extra: Any) -> dict[str, Any]:
     """The content of ``SUITE_DIR/suite.json``.
 
@@ -553,7 +542,7 @@ def train_suite(
         raise LmscopeError(f"{suite_dir} exists and is not a directory; choose another --out.")
     suite_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    with _locked(suite_dir):
+    with directory_lock(suite_dir):
         previous = _claim(suite_dir, config)
         _remove_temporaries(suite_dir)
         if previous.get("status") != "complete":

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from lmscope.errors import LmscopeError
+from lmscope.tomlio import toml_value
 
 RESERVED_NAMES = frozenset({"tokenizer", "corpus", "data", "checkpoints", "resume"})
 """Directory names inside a suite directory that a size label may not take."""
@@ -331,25 +332,13 @@ def load_train_config(path: str | os.PathLike[str] | None) -> SuiteTrainConfig:
     return config_from_dict(data, where=str(path))
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(type(value))
-
-
 def config_to_toml(config: SuiteTrainConfig) -> str:
     """The config as TOML that :func:`load_train_config` reads back to an equal config (``None`` fields left out)."""
     lines = []
     for f in dataclasses.fields(config):
         if f.name != "sizes":
-            lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
+            lines.append(f"{f.name} = {toml_value(getattr(config, f.name))}")
     for size in config.sizes:
         lines += ["", "[[sizes]]"]
-        lines += [f"{f.name} = {_toml_value(getattr(size, f.name))}" for f in dataclasses.fields(size) if getattr(size, f.name) is not None]
+        lines += [f"{f.name} = {toml_value(getattr(size, f.name))}" for f in dataclasses.fields(size) if getattr(size, f.name) is not None]
     return "\n".join(lines) + "\n"
