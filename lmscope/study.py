@@ -10,6 +10,7 @@ directory::
       study.toml        the resolved config
       manifest.json     every artifact with its sha256 and size, versions, timings
       summary.json      what the study found, as printed
+      results/*.parquet the study's numbers in the one results schema (`lmscope results query`)
       activations/      the activation store (resumable)
 
 A killed study resumes: the corpus and the model are cached, and the activation
@@ -223,6 +224,35 @@ def _suite_summary(suite_dir: Path) -> dict[str, Any]:
     }
 
 
+def _write_study_results(run_dir: Path, config: StudyConfig, summary: dict[str, Any]) -> None:
+    """The study's numbers as rows of the results schema, in ``results/*.parquet``."""
+    from lmscope.results.schema import write_results
+
+    rows = []
+    for stats in summary["activations"]:
+        for metric in ("mean_row_norm", "mean", "std"):
+            rows.append({"model": config.model, "metric": f"activation_{metric}", "domain": config.activations.split,
+                         "value": float(stats[metric]), "hook": stats["hook"]})
+    write_results(rows, run_dir / "results" / "activations.parquet")
+    suite = summary.get("suite")
+    if suite:
+        meta = json.loads((Path(suite["path"]) / "suite.json").read_text())
+        models = meta.get("models", {})
+        rows = []
+        for model in suite["models"]:
+            info = models.get(model["model"], {})
+            step = model["step"]
+            rows.append({
+                "suite": meta.get("name"), "model": model["model"], "size": info.get("size", model["model"]),
+                "seed": info.get("seed"), "revision": f"step{step}", "step": step,
+                "tokens_seen": step * suite["tokens_per_step"] if step is not None else None,
+                "metric": "bits_per_byte", "domain": "heldout", "value": model["heldout_bits_per_byte"],
+            })
+        rows.append({"suite": meta.get("name"), "model": "unigram", "metric": "bits_per_byte", "domain": "heldout",
+                     "value": suite["unigram_bits_per_byte"]})
+        write_results(rows, run_dir / "results" / "suite.parquet")
+
+
 def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", progress: Progress = no_progress) -> dict[str, Any]:
     """Run a study into ``runs_dir/<config.name>`` and return its summary (also written to ``summary.json``)."""
     from lmscope.activations.job import capture_corpus_activations
@@ -303,6 +333,7 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         "timings": timings,
     }
     atomic_write_json(run_dir / "summary.json", summary)
+    _write_study_results(run_dir, config, summary)
     manifest = {
         "lmscope_version": lmscope.__version__,
         "model": {"spec": config.model, "source": hooked.source, "dtype": config.dtype, "device": str(hooked.device)},

@@ -92,6 +92,11 @@ def test_study_writes_a_complete_run_directory(workspace: dict[str, Path], tmp_p
     # Independent check of the summary statistic against the stored rows.
     rows = ActivationStore.open(run / "activations").rows("blocks.2.hook_resid_post", slice(None)).double()
     assert summary["activations"][0]["mean_row_norm"] == pytest.approx(rows.norm(dim=-1).mean().item(), rel=1e-9)
+    # The study's numbers are in the results schema, queryable with SQL.
+    from lmscope.results.query import query_results
+
+    queried = query_results("SELECT value FROM results WHERE metric = 'activation_mean_row_norm'", [run])
+    assert queried.column("value").to_pylist() == [summary["activations"][0]["mean_row_norm"]]
     # A rerun resumes (nothing to recompute) and a different study under the same name is refused.
     assert run_study(config, tmp_path)["activations"] == summary["activations"]
     with pytest.raises(LmscopeError, match="holds a different study"):

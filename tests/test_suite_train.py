@@ -451,6 +451,12 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     assert summary["unigram_bits_per_byte"] == check["unigram_bits_per_byte"]
     assert {m["model"]: m["heldout_bits_per_byte"] for m in summary["models"]} == {
         m["size"]: m["heldout_bits_per_byte"] for m in check["models"]}
+    from lmscope.results.query import query_results
+
+    rows = query_results("SELECT model, step, tokens_seen, value FROM results WHERE metric = 'bits_per_byte' AND model != 'unigram'",
+                         [tmp_path / "mini"]).to_pylist()
+    assert {r["model"]: r["value"] for r in rows} == {m["size"]: m["heldout_bits_per_byte"] for m in check["models"]}
+    assert all(r["step"] == STEPS and r["tokens_seen"] == STEPS * BATCH * SEQ for r in rows)
     batch = replay_step(open_source(str(suite)), 0)
     assert summary["step0_rows"] == BATCH == len(batch.rows)
     assert sum(summary["step0_domains"].values()) == sum(piece.length for pieces in batch.segments for piece in pieces)

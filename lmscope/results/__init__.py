@@ -1,0 +1,1 @@
+"""Results: the one long results schema (Parquet) and DuckDB queries over it."""
