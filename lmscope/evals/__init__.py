@@ -1,0 +1,1 @@
+"""Evals: per-checkpoint metrics written in the results schema."""
