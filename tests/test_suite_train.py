@@ -460,3 +460,39 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     batch = replay_step(open_source(str(suite)), 0)
     assert summary["step0_rows"] == BATCH == len(batch.rows)
     assert sum(summary["step0_domains"].values()) == sum(piece.length for pieces in batch.segments for piece in pieces)
+
+
+def test_eval_sweep_over_the_suite_matches_direct_computation_and_caches(trained: dict, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from lmscope.data.tokenized import TokenizedCorpus
+    from lmscope.evals.bpb import bits_per_byte_by_domain
+    from lmscope.evals.sweep import run_sweep
+    from lmscope.models.loading import load_model
+
+    suite = trained["suite"]
+    path = run_sweep(str(suite), suite / "corpus", tmp_path, select=f"0,{STEPS}", max_documents=4, device="cpu")
+    rows = [r for r in pq.read_table(path).to_pylist() if r["domain"] == "all"]
+    assert {(r["model"], r["step"]) for r in rows} == {(m, s) for m in ("s16", "s32", "s64") for s in (0, STEPS)}
+    assert all(r["tokens_seen"] == r["step"] * BATCH * SEQ for r in rows)
+    row = next(r for r in rows if r["model"] == "s32" and r["step"] == STEPS)
+    loaded = load_model(f"{suite}/s32@step{STEPS}", device="cpu")
+    direct = bits_per_byte_by_domain(loaded.model, TokenizedCorpus.open(suite / "corpus"), max_documents=4, tokenizer=loaded.tokenizer)
+    assert row["value"] == direct[-1].bits_per_byte
+    final = {r["model"]: r["value"] for r in rows if r["step"] == STEPS}
+    initial = {r["model"]: r["value"] for r in rows if r["step"] == 0}
+    assert all(final[m] < initial[m] for m in final)
+    cached = sorted((tmp_path / "cache").glob("*.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    run_sweep(str(suite), suite / "corpus", tmp_path, select=f"0,{STEPS}", max_documents=4, device="cpu")
+    assert [p.stat().st_mtime_ns for p in cached] == stamps, "a rerun recomputed cached work"
+    assert (tmp_path / "bits_per_byte.png").exists() is False  # plots are the CLI's job
+
+
+def test_eval_cli_bad_input(trained: dict, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(trained["suite"]), "--metrics", "bpb,perplexity", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "default", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2

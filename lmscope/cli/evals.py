@@ -1,0 +1,62 @@
+"""``lmscope eval``: metrics across checkpoints × sizes × seeds, cached and resumable, in the results schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmscope.cli import app
+from lmscope.cli.options import DeviceOption, DtypeOption, JsonOption
+from lmscope.cli.render import print_json, print_table, progress_bars, stdout
+
+
+@app.command("eval")
+def evaluate(
+    target: Annotated[str, typer.Argument(help="A suite directory (or one size of it), a catalogued model, or any model spec.")],
+    select: Annotated[str | None, typer.Option("--select", "-s", help="Checkpoint selector: all, log:N, every:K, lists, ranges.")] = None,
+    metrics: Annotated[str, typer.Option(help="Comma-separated metrics; available now: bpb.")] = "bpb",
+    corpus: Annotated[Path | None, typer.Option(help="Tokenized corpus (default: the suite's own corpus/).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (default runs/eval-<target name>).")] = None,
+    ctx: Annotated[int | None, typer.Option(help="Bits-per-byte window length (default: the model's context).")] = None,
+    stride: Annotated[int | None, typer.Option(help="Sliding-window stride (default ctx // 2).")] = None,
+    max_documents: Annotated[int, typer.Option("--max-documents", help="Held-out documents scored per checkpoint.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 8,
+    plot: Annotated[bool, typer.Option(help="Also write a plot of each metric against tokens seen.")] = True,
+    dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
+    json_output: JsonOption = False,
+) -> None:
+    """Evaluate checkpoints; rerun to compute only what is missing (a killed sweep resumes)."""
+    import pyarrow.parquet as pq
+
+    from lmscope.errors import LmscopeError
+    from lmscope.evals.sweep import run_sweep
+
+    target_path = Path(target).expanduser()
+    if corpus is None:
+        for candidate in (target_path / "corpus", target_path.parent / "corpus"):
+            if (candidate / "manifest.json").is_file():
+                corpus = candidate
+                break
+        else:
+            raise LmscopeError(f"{target!r} has no corpus/ of its own; pass --corpus with a corpus tokenized for this model.")
+    out = out or Path("runs") / f"eval-{target_path.name or 'model'}"
+    with progress_bars(enabled=not json_output) as progress:
+        path = run_sweep(target, corpus, out, select=select, metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
+                         bpb_ctx=ctx, bpb_stride=stride, max_documents=max_documents, batch_size=batch_size,
+                         device=device, dtype=dtype, progress=progress)
+    table = pq.read_table(path)
+    plots = []
+    if plot and any(v is not None for v in table.column("tokens_seen").to_pylist()):
+        from lmscope.report.plots import plot_metric_vs_tokens
+
+        plots.append(str(plot_metric_vs_tokens(table, "bits_per_byte", out / "bits_per_byte.png")))
+    if json_output:
+        print_json({"results": str(path), "plots": plots, "rows": table.to_pylist()})
+        return
+    rows = [r for r in table.to_pylist() if r["domain"] == "all"]
+    print_table([{"model": r["model"], "revision": r["revision"], "tokens_seen": r["tokens_seen"], "metric": r["metric"],
+                  "value": r["value"]} for r in rows], title="all domains")
+    stdout.print(f"results: {path}" + (f"\nplot: {plots[0]}" if plots else ""), highlight=False)

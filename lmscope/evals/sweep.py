@@ -1,0 +1,142 @@
+"""Sweeps: metrics over checkpoints × sizes × seeds, cached so a rerun computes only what is missing.
+
+Each (model, revision, metric, metric settings, corpus) is one *unit of work*, named by
+the sha256 of everything that determines its result (and :data:`SWEEP_VERSION`, bumped
+when a metric's computation changes). A unit's result rows are written atomically to
+``OUT/cache/<key>.parquet``; a killed sweep resumes by skipping the keys it has, and the
+union of the units asked for is written to ``OUT/results/eval.parquet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lmscope.errors import LmscopeError
+from lmscope.fsio import sha256_file
+from lmscope.progress import Progress, no_progress
+
+SWEEP_VERSION = 1
+METRICS = ("bpb",)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model at one checkpoint, with the identity columns of the results schema."""
+
+    spec: str
+    suite: str | None
+    model: str
+    size: str | None
+    seed: int | None
+    revision: str | None
+    step: int | None
+    tokens_seen: int | None
+
+    def identity(self) -> dict[str, Any]:
+        return {"suite": self.suite, "model": self.model, "size": self.size, "seed": self.seed,
+                "revision": self.revision, "step": self.step, "tokens_seen": self.tokens_seen}
+
+
+def _suite_seeds(root: Path) -> dict[str, int]:
+    path = root / "suite.json"
+    if not path.is_file():
+        return {}
+    models = json.loads(path.read_text()).get("models", {})
+    return {name: info.get("seed") for name, info in models.items() if isinstance(info, dict)}
+
+
+def sweep_targets(spec_or_suite: str, select: str | None = None) -> list[Target]:
+    """The (model, checkpoint) pairs a sweep covers.
+
+    ``spec_or_suite`` is a local suite directory (every size and seed), one size of it, a
+    catalogued hub model (``EleutherAI/pythia-70m``: its catalog checkpoints), or any other
+    model spec (one target, its own revision).
+    """
+    from lmscope.suites.catalog import resolve_suite
+    from lmscope.suites.selectors import select_checkpoints
+
+    path = Path(spec_or_suite).expanduser()
+    is_suite = path.is_dir() and not (path / "config.json").is_file()
+    is_catalogued = False
+    if not is_suite and "@" not in spec_or_suite and "/" in spec_or_suite and not path.exists():
+        from lmscope.suites.catalog import catalog_suite
+
+        is_catalogued = catalog_suite(spec_or_suite) is not None
+    if not (is_suite or is_catalogued):
+        if select is not None:
+            raise LmscopeError(f"--select needs a suite or a catalogued model; {spec_or_suite!r} is a single model.")
+        return [Target(spec_or_suite, None, spec_or_suite, None, None, None, None, None)]
+    suite, model = resolve_suite(spec_or_suite)
+    models = [model] if model is not None else list(suite.models)
+    seeds = _suite_seeds(Path(suite.root)) if suite.root is not None else {}
+    targets = []
+    for m in models:
+        checkpoints = suite.checkpoints()
+        if select is not None:
+            checkpoints = select_checkpoints(checkpoints, select, where=spec_or_suite)
+        name = Path(m.model_id).name if suite.family == "local" else m.model_id
+        for c in checkpoints:
+            targets.append(Target(f"{m.model_id}@{c.revision}", suite.name, name, m.size, seeds.get(name),
+                                  c.revision, c.step, c.tokens_seen))
+    return targets
+
+
+def _unit_key(target: Target, metric: str, settings: dict[str, Any], corpus_sha: str) -> str:
+    payload = json.dumps({"v": SWEEP_VERSION, "spec": target.spec, "metric": metric, "settings": settings,
+                          "corpus": corpus_sha}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def run_sweep(
+    spec_or_suite: str,
+    corpus_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    select: str | None = None,
+    metrics: tuple[str, ...] = ("bpb",),
+    bpb_ctx: int | None = None,
+    bpb_stride: int | None = None,
+    max_documents: int | None = 64,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "float32",
+    progress: Progress = no_progress,
+) -> Path:
+    """Run ``metrics`` on every target of ``spec_or_suite``; returns ``OUT/results/eval.parquet``."""
+    from lmscope.data.tokenized import TokenizedCorpus
+    from lmscope.evals.bpb import bits_per_byte_by_domain, result_rows
+    from lmscope.models.loading import load_model
+    from lmscope.results.schema import results_table, write_results
+
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise LmscopeError(f"unknown metric(s) {', '.join(unknown)}; available here: {', '.join(METRICS)}.")
+    corpus = TokenizedCorpus.open(corpus_path)
+    corpus_sha = sha256_file(Path(corpus.path) / "manifest.json")
+    targets = sweep_targets(spec_or_suite, select)
+    out = Path(out_dir)
+    cache = out / "cache"
+    settings = {"bpb": {"ctx": bpb_ctx, "stride": bpb_stride, "max_documents": max_documents, "split": "heldout", "dtype": dtype}}
+    keys: list[Path] = []
+    work = [(t, m) for t in targets for m in metrics]
+    progress("evaluate checkpoints", 0, len(work))
+    for target, metric in work:
+        key = cache / f"{_unit_key(target, metric, settings[metric], corpus_sha)}.parquet"
+        keys.append(key)
+        if not key.is_file():
+            loaded = load_model(target.spec, dtype=dtype, device=device)
+            results = bits_per_byte_by_domain(loaded.model, corpus, ctx=bpb_ctx, stride=bpb_stride, batch_size=batch_size,
+                                              max_documents=max_documents, tokenizer=loaded.tokenizer)
+            write_results(result_rows(results, **target.identity()), key)
+        progress("evaluate checkpoints", 1, len(work))
+    tables = [pq.read_table(key) for key in keys]
+    combined = pa.concat_tables(tables, promote_options="default") if tables else results_table([])
+    return write_results(combined, out / "results" / "eval.parquet")

@@ -1,0 +1,1 @@
+"""Report: plots and (later) the self-contained HTML report."""
