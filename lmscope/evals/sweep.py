@@ -24,7 +24,7 @@ from lmscope.fsio import sha256_file
 from lmscope.progress import Progress, no_progress
 
 SWEEP_VERSION = 1
-METRICS = ("bpb",)
+METRICS = ("bpb", "icl", "induction")
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,29 @@ def _unit_key(target: Target, metric: str, settings: dict[str, Any], corpus_sha:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+def _compute(metric: str, loaded: Any, corpus: Any, settings: dict[str, Any], batch_size: int, target: Target,
+             bpb_ctx: int | None, bpb_stride: int | None) -> list[dict[str, Any]]:
+    """Result rows of one metric on one loaded checkpoint."""
+    from lmscope.evals import bpb, icl
+
+    if metric == "bpb":
+        results = bpb.bits_per_byte_by_domain(loaded.model, corpus, ctx=bpb_ctx, stride=bpb_stride, batch_size=batch_size,
+                                              max_documents=settings["max_documents"], tokenizer=loaded.tokenizer)
+        return bpb.result_rows(results, **target.identity())
+    if metric == "icl":
+        score = icl.in_context_learning_score(loaded.model, corpus, late=settings["late"], early=settings["early"],
+                                              n_contexts=settings["n_contexts"], batch_size=batch_size)
+        return icl.result_rows(score, **target.identity())
+    from lmscope.models.hooks import HookedModel
+
+    # Random segments of up to max_seq_len tokens, shortened to fit twice (plus a BOS) in the model's context.
+    limit = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
+    seq_len = min(settings["max_seq_len"], (limit - 1) // 2) if limit else settings["max_seq_len"]
+    scores = icl.induction_scores(HookedModel(loaded.model, loaded.tokenizer), seq_len=seq_len,
+                                  n_sequences=settings["n_sequences"], seed=settings["seed"])
+    return [{**row, "seq_len": seq_len} for row in icl.result_rows(scores, **target.identity())]
+
+
 def run_sweep(
     spec_or_suite: str,
     corpus_path: str | os.PathLike[str],
@@ -112,7 +135,6 @@ def run_sweep(
 ) -> Path:
     """Run ``metrics`` on every target of ``spec_or_suite``; returns ``OUT/results/eval.parquet``."""
     from lmscope.data.tokenized import TokenizedCorpus
-    from lmscope.evals.bpb import bits_per_byte_by_domain, result_rows
     from lmscope.models.loading import load_model
     from lmscope.results.schema import results_table, write_results
 
@@ -124,7 +146,11 @@ def run_sweep(
     targets = sweep_targets(spec_or_suite, select)
     out = Path(out_dir)
     cache = out / "cache"
-    settings = {"bpb": {"ctx": bpb_ctx, "stride": bpb_stride, "max_documents": max_documents, "split": "heldout", "dtype": dtype}}
+    settings = {
+        "bpb": {"ctx": bpb_ctx, "stride": bpb_stride, "max_documents": max_documents, "split": "heldout", "dtype": dtype},
+        "icl": {"late": 500, "early": 50, "n_contexts": max_documents or 256, "split": "heldout", "dtype": dtype},
+        "induction": {"max_seq_len": 50, "n_sequences": 10, "seed": 0, "dtype": dtype},
+    }
     keys: list[Path] = []
     work = [(t, m) for t in targets for m in metrics]
     progress("evaluate checkpoints", 0, len(work))
@@ -133,9 +159,7 @@ def run_sweep(
         keys.append(key)
         if not key.is_file():
             loaded = load_model(target.spec, dtype=dtype, device=device)
-            results = bits_per_byte_by_domain(loaded.model, corpus, ctx=bpb_ctx, stride=bpb_stride, batch_size=batch_size,
-                                              max_documents=max_documents, tokenizer=loaded.tokenizer)
-            write_results(result_rows(results, **target.identity()), key)
+            write_results(_compute(metric, loaded, corpus, settings[metric], batch_size, target, bpb_ctx, bpb_stride), key)
         progress("evaluate checkpoints", 1, len(work))
     tables = [pq.read_table(key) for key in keys]
     combined = pa.concat_tables(tables, promote_options="default") if tables else results_table([])
