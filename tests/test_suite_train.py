@@ -504,10 +504,12 @@ def test_eval_sweep_icl_and_induction_rows(trained: dict, tmp_path: Path) -> Non
     from lmscope.evals.sweep import run_sweep
 
     suite = trained["suite"]
-    path = run_sweep(f"{suite}/s16", suite / "corpus", tmp_path, select=f"{STEPS}", metrics=("icl", "induction"),
+    path = run_sweep(f"{suite}/s16", suite / "corpus", tmp_path, select=f"{STEPS}", metrics=("icl", "induction", "lens"),
                      max_documents=4, device="cpu")
     rows = pq.read_table(path).to_pylist()
     icl_rows = [r for r in rows if r["metric"] == "icl_score"]
     heads = [r for r in rows if r["metric"] == "induction_score"]
     assert len(icl_rows) == 1 and icl_rows[0]["model"] == "s16" and icl_rows[0]["step"] == STEPS
     assert len(heads) == 1 * 2 and all(0.0 <= r["value"] <= 1.0 for r in heads)  # s16: 1 layer x 2 heads
+    lens_kl = [r for r in rows if r["metric"] == "lens_kl"]
+    assert len(lens_kl) == 1 and abs(lens_kl[0]["value"]) <= 1e-9  # one layer: its lens is the model

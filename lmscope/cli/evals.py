@@ -16,7 +16,7 @@ from lmscope.cli.render import print_json, print_table, progress_bars, stdout
 def evaluate(
     target: Annotated[str, typer.Argument(help="A suite directory (or one size of it), a catalogued model, or any model spec.")],
     select: Annotated[str | None, typer.Option("--select", "-s", help="Checkpoint selector: all, log:N, every:K, lists, ranges.")] = None,
-    metrics: Annotated[str, typer.Option(help="Comma-separated metrics: bpb, icl, induction.")] = "bpb",
+    metrics: Annotated[str, typer.Option(help="Comma-separated metrics: bpb, icl, induction, lens (logit lens).")] = "bpb",
     corpus: Annotated[Path | None, typer.Option(help="Tokenized corpus (default: the suite's own corpus/).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default runs/eval-<target name>).")] = None,
     ctx: Annotated[int | None, typer.Option(help="Bits-per-byte window length (default: the model's context).")] = None,

@@ -24,7 +24,7 @@ from lmscope.fsio import sha256_file
 from lmscope.progress import Progress, no_progress
 
 SWEEP_VERSION = 1
-METRICS = ("bpb", "icl", "induction")
+METRICS = ("bpb", "icl", "induction", "lens")
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def _unit_key(target: Target, metric: str, settings: dict[str, Any], corpus_sha:
 def _compute(metric: str, loaded: Any, corpus: Any, settings: dict[str, Any], batch_size: int, target: Target,
              bpb_ctx: int | None, bpb_stride: int | None) -> list[dict[str, Any]]:
     """Result rows of one metric on one loaded checkpoint."""
-    from lmscope.evals import bpb, icl
+    from lmscope.evals import bpb, icl, lens
 
     if metric == "bpb":
         results = bpb.bits_per_byte_by_domain(loaded.model, corpus, ctx=bpb_ctx, stride=bpb_stride, batch_size=batch_size,
@@ -110,8 +110,13 @@ def _compute(metric: str, loaded: Any, corpus: Any, settings: dict[str, Any], ba
         return icl.result_rows(score, **target.identity())
     from lmscope.models.hooks import HookedModel
 
-    # Random segments of up to max_seq_len tokens, shortened to fit twice (plus a BOS) in the model's context.
     limit = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
+    if metric == "lens":
+        ctx = min(settings["max_ctx"], limit) if limit else settings["max_ctx"]
+        layers = lens.logit_lens(HookedModel(loaded.model, loaded.tokenizer), corpus, ctx=ctx,
+                                 n_contexts=settings["n_contexts"], batch_size=batch_size, split=settings["split"])
+        return lens.result_rows(layers, **target.identity())
+    # Random segments of up to max_seq_len tokens, shortened to fit twice (plus a BOS) in the model's context.
     seq_len = min(settings["max_seq_len"], (limit - 1) // 2) if limit else settings["max_seq_len"]
     scores = icl.induction_scores(HookedModel(loaded.model, loaded.tokenizer), seq_len=seq_len,
                                   n_sequences=settings["n_sequences"], seed=settings["seed"])
@@ -150,6 +155,7 @@ def run_sweep(
         "bpb": {"ctx": bpb_ctx, "stride": bpb_stride, "max_documents": max_documents, "split": "heldout", "dtype": dtype},
         "icl": {"late": 500, "early": 50, "n_contexts": max_documents or 256, "split": "heldout", "dtype": dtype},
         "induction": {"max_seq_len": 50, "n_sequences": 10, "seed": 0, "dtype": dtype},
+        "lens": {"kind": "logit", "max_ctx": 128, "n_contexts": 16, "split": "heldout", "dtype": dtype},
     }
     keys: list[Path] = []
     work = [(t, m) for t in targets for m in metrics]
