@@ -72,6 +72,74 @@ def _code_for(dtype: np.dtype[Any]) -> int:
     raise LmscopeError(f"dtype {dtype} cannot be written to a Megatron dataset unambiguously; use one of {names}.")
 
 
+def _resolve_dtype(code: int, dtype_arg: np.dtype[Any] | None, idx_path: Path) -> np.dtype[Any]:
+    if code == _AMBIGUOUS_CODE:
+        if dtype_arg is None or dtype_arg not in _AMBIGUOUS_DTYPES:
+            raise LmscopeError(
+                f"{str(idx_path)!r} has dtype code 7, which Megatron-LM reads as float32 and GPT-NeoX as "
+                "float64; say which with dtype='float32' or dtype='float64'."
+            )
+        return dtype_arg
+    if code not in DTYPE_CODES:
+        known = ", ".join(f"{c} ({d})" for c, d in DTYPE_CODES.items())
+        raise LmscopeError(f"{str(idx_path)!r} has unknown dtype code {code}; known codes are {known}.")
+    dtype = DTYPE_CODES[code]
+    if dtype_arg is not None and dtype_arg != dtype:
+        raise LmscopeError(f"{str(idx_path)!r} holds {dtype} (code {code}), not the {dtype_arg} asked for; leave dtype out.")
+    return dtype
+
+
+def read_index(
+    idx_path: Path, dtype: DTypeLike | None = None
+) -> tuple[np.dtype[Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validate and memory-map a ``.idx`` file: ``(dtype, sizes, pointers, doc_idx, mapped bytes)``.
+
+    ``sizes`` is int32 ``[N]`` (tokens per sequence), ``pointers`` int64 ``[N]`` (byte offsets into
+    the ``.bin``), ``doc_idx`` int64 ``[D]``; all three are views into the mapped file. Used on its
+    own where the ``.bin`` is split into byte shards (Pythia's download).
+    """
+    dtype_arg = None if dtype is None else np.dtype(dtype)
+    index_bytes = idx_path.stat().st_size
+    with open(idx_path, "rb") as handle:
+        head = handle.read(_HEADER.size)
+    if not head.startswith(MAGIC) and not (len(head) < len(MAGIC) and MAGIC.startswith(head)):
+        if head.startswith(_LEGACY_MAGIC):
+            raise LmscopeError(
+                f"{str(idx_path)!r} is an old non-mmap IndexedDataset (magic TNTIDX); re-export it as an "
+                "mmap dataset (Megatron --dataset-impl mmap)."
+            )
+        raise LmscopeError(
+            f"{str(idx_path)!r} is not a Megatron MMapIndexedDataset index: it starts with {head[:9]!r}, "
+            f"not {MAGIC!r}; check that the path names a .idx file."
+        )
+    if len(head) < _HEADER.size:
+        raise LmscopeError(
+            f"{str(idx_path)!r} is truncated: {len(head)} bytes, shorter than the {_HEADER.size}-byte header; "
+            "copy the file again."
+        )
+    _, version, code, count, doc_count = _HEADER.unpack(head)
+    if version != VERSION:
+        raise LmscopeError(f"{str(idx_path)!r} has index version {version}; only version {VERSION} is supported.")
+    resolved = _resolve_dtype(code, dtype_arg, idx_path)
+    expected = _HEADER.size + 12 * count + 8 * doc_count
+    if index_bytes < expected:
+        raise LmscopeError(
+            f"{str(idx_path)!r} is truncated: {index_bytes} bytes, but its header announces {count} sequences "
+            f"and {doc_count} document entries ({expected} bytes); copy the file again."
+        )
+    if index_bytes > expected:
+        raise LmscopeError(
+            f"{str(idx_path)!r} has {index_bytes - expected} bytes beyond the {count} sequences and "
+            f"{doc_count} document entries its header announces; the file is corrupt or not this format."
+        )
+    mapped = np.memmap(idx_path, dtype=np.uint8, mode="r") if index_bytes else np.empty(0, np.uint8)
+    offset = _HEADER.size
+    sizes = np.frombuffer(mapped, dtype="<i4", count=count, offset=offset)
+    pointers = np.frombuffer(mapped, dtype="<i8", count=count, offset=offset + 4 * count)
+    doc_idx = np.frombuffer(mapped, dtype="<i8", count=doc_count, offset=offset + 12 * count)
+    return resolved, sizes, pointers, doc_idx, mapped
+
+
 class MegatronDataset:
     """A Megatron ``MMapIndexedDataset``, memory-mapped: ``ds[i]`` is a zero-copy view of sequence ``i``.
 
@@ -102,47 +170,10 @@ class MegatronDataset:
                 raise LmscopeError(
                     f"Megatron dataset file {str(path)!r} does not exist; give the path prefix shared by PREFIX.bin and PREFIX.idx."
                 )
-        index_bytes = self.idx_path.stat().st_size
-        with open(self.idx_path, "rb") as handle:
-            head = handle.read(_HEADER.size)
-        if not head.startswith(MAGIC) and not (len(head) < len(MAGIC) and MAGIC.startswith(head)):
-            if head.startswith(_LEGACY_MAGIC):
-                raise LmscopeError(
-                    f"{str(self.idx_path)!r} is an old non-mmap IndexedDataset (magic TNTIDX); re-export it as an "
-                    "mmap dataset (Megatron --dataset-impl mmap)."
-                )
-            raise LmscopeError(
-                f"{str(self.idx_path)!r} is not a Megatron MMapIndexedDataset index: it starts with {head[:9]!r}, "
-                f"not {MAGIC!r}; check that the path names a .idx file."
-            )
-        if len(head) < _HEADER.size:
-            raise LmscopeError(
-                f"{str(self.idx_path)!r} is truncated: {len(head)} bytes, shorter than the {_HEADER.size}-byte header; "
-                "copy the file again."
-            )
-        _, version, code, count, doc_count = _HEADER.unpack(head)
-        if version != VERSION:
-            raise LmscopeError(f"{str(self.idx_path)!r} has index version {version}; only version {VERSION} is supported.")
-        self.dtype = self._resolve_dtype(code)
-        expected = _HEADER.size + 12 * count + 8 * doc_count
-        if index_bytes < expected:
-            raise LmscopeError(
-                f"{str(self.idx_path)!r} is truncated: {index_bytes} bytes, but its header announces {count} sequences "
-                f"and {doc_count} document entries ({expected} bytes); copy the file again."
-            )
-        if index_bytes > expected:
-            raise LmscopeError(
-                f"{str(self.idx_path)!r} has {index_bytes - expected} bytes beyond the {count} sequences and "
-                f"{doc_count} document entries its header announces; the file is corrupt or not this format."
-            )
-        self._idx_map = np.memmap(self.idx_path, dtype=np.uint8, mode="r") if index_bytes else np.empty(0, np.uint8)
-        offset = _HEADER.size
-        self.sizes: np.ndarray = np.frombuffer(self._idx_map, dtype="<i4", count=count, offset=offset)
-        self.pointers: np.ndarray = np.frombuffer(self._idx_map, dtype="<i8", count=count, offset=offset + 4 * count)
-        self.doc_idx: np.ndarray = np.frombuffer(self._idx_map, dtype="<i8", count=doc_count, offset=offset + 12 * count)
+        self.dtype, self.sizes, self.pointers, self.doc_idx, self._idx_map = read_index(self.idx_path, self._dtype_arg)
 
         data_bytes = self.bin_path.stat().st_size
-        if count:
+        if len(self.sizes):
             # Megatron writes sequences back to back, so the last one ends the data
             extent = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize
             if data_bytes < extent:
@@ -151,24 +182,6 @@ class MegatronDataset:
                     f"up to byte {extent}; copy the file again."
                 )
         self._bin_map = np.memmap(self.bin_path, dtype=np.uint8, mode="r") if data_bytes else np.empty(0, np.uint8)
-
-    def _resolve_dtype(self, code: int) -> np.dtype[Any]:
-        if code == _AMBIGUOUS_CODE:
-            if self._dtype_arg is None or self._dtype_arg not in _AMBIGUOUS_DTYPES:
-                raise LmscopeError(
-                    f"{str(self.idx_path)!r} has dtype code 7, which Megatron-LM reads as float32 and GPT-NeoX as "
-                    "float64; say which with dtype='float32' or dtype='float64'."
-                )
-            return self._dtype_arg
-        if code not in DTYPE_CODES:
-            known = ", ".join(f"{c} ({d})" for c, d in DTYPE_CODES.items())
-            raise LmscopeError(f"{str(self.idx_path)!r} has unknown dtype code {code}; known codes are {known}.")
-        dtype = DTYPE_CODES[code]
-        if self._dtype_arg is not None and self._dtype_arg != dtype:
-            raise LmscopeError(
-                f"{str(self.idx_path)!r} holds {dtype} (code {code}), not the {self._dtype_arg} asked for; leave dtype out."
-            )
-        return dtype
 
     def __len__(self) -> int:
         return len(self.sizes)

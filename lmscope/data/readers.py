@@ -139,6 +139,25 @@ def _skip_or_fail(stats: ReadStats, where: str, problem: str, strict: bool) -> N
     stats.note(f"{where}: {problem}")
 
 
+def _accept(
+    record: Any, replaced: bool, stats: ReadStats, where: str, strict: bool, default_id: str,
+    default_domain: str, text_field: str, id_field: str,
+) -> Document | None:
+    """The record as a counted :class:`Document`, or ``None`` when it is malformed (reported and counted, or raised if strict)."""
+    try:
+        document, surrogates = record_to_document(
+            record, default_id=default_id, default_domain=default_domain, text_field=text_field, id_field=id_field
+        )
+    except MalformedRecord as err:
+        _skip_or_fail(stats, where, str(err), strict)
+        return None
+    if replaced or surrogates:
+        stats.utf8_replaced += 1
+        stats.note(f"{where}: invalid UTF-8 replaced by U+FFFD")
+    stats.count_document(document)
+    return document
+
+
 def read_jsonl(
     path: Path,
     stats: ReadStats,
@@ -163,18 +182,9 @@ def read_jsonl(
         except json.JSONDecodeError as err:
             _skip_or_fail(stats, where, f"bad JSON ({err.msg} at column {err.colno})", strict)
             continue
-        try:
-            document, surrogates = record_to_document(
-                record, default_id=f"{path.name}:{line_number}", default_domain=default_domain, text_field=text_field, id_field=id_field
-            )
-        except MalformedRecord as err:
-            _skip_or_fail(stats, where, str(err), strict)
-            continue
-        if replaced or surrogates:
-            stats.utf8_replaced += 1
-            stats.note(f"{where}: invalid UTF-8 replaced by U+FFFD")
-        stats.count_document(document)
-        yield document
+        document = _accept(record, replaced, stats, where, strict, f"{path.name}:{line_number}", default_domain, text_field, id_field)
+        if document is not None:
+            yield document
 
 
 def read_parquet(
@@ -224,18 +234,9 @@ def read_parquet(
                 replaced = False
                 if raw is not None:
                     record[text_field], replaced = decode_utf8(raw)
-                try:
-                    document, surrogates = record_to_document(
-                        record, default_id=f"{path.name}:{row_number}", default_domain=default_domain, text_field=text_field, id_field=id_field
-                    )
-                except MalformedRecord as err:
-                    _skip_or_fail(stats, where, str(err), strict)
-                    continue
-                if replaced or surrogates:
-                    stats.utf8_replaced += 1
-                    stats.note(f"{where}: invalid UTF-8 replaced by U+FFFD")
-                stats.count_document(document)
-                yield document
+                document = _accept(record, replaced, stats, where, strict, f"{path.name}:{row_number}", default_domain, text_field, id_field)
+                if document is not None:
+                    yield document
     except (pa.ArrowException, OSError) as err:
         raise LmscopeError(f"{path} is corrupt after row {row_number} ({_first_line(err)}); re-create it.") from None
 

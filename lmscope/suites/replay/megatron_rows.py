@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from lmscope.data.megatron import DTYPE_CODES, MAGIC, VERSION, MegatronDataset
+from lmscope.data.megatron import MegatronDataset, read_index
 from lmscope.errors import LmscopeError
 
-_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, N sequences, D doc-index entries (lmscope.data.megatron)
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.bin$")
 
 
@@ -144,31 +142,12 @@ class ConcatRows:
 def read_megatron_index(idx_path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray]:
     """``(dtype, sizes, pointers)`` of a Megatron ``.idx`` file, memory-mapped, for when the ``.bin`` is sharded.
 
-    The same checks as :class:`lmscope.data.megatron.MegatronDataset` makes of the index.
+    The checks are :func:`lmscope.data.megatron.read_index`'s, plus integer token data.
     """
     if not idx_path.is_file():
         raise LmscopeError(f"Megatron index {str(idx_path)!r} does not exist; it comes with the data (Pythia: document.idx).")
-    size = idx_path.stat().st_size
-    with open(idx_path, "rb") as handle:
-        head = handle.read(_HEADER.size)
-    if len(head) < _HEADER.size or not head.startswith(MAGIC):
-        raise LmscopeError(f"{str(idx_path)!r} is not a Megatron MMapIndexedDataset index (bad magic or truncated header); check the path.")
-    _, version, code, count, doc_count = _HEADER.unpack(head)
-    if version != VERSION:
-        raise LmscopeError(f"{str(idx_path)!r} has index version {version}; only version {VERSION} is supported.")
-    if code not in DTYPE_CODES:
-        raise LmscopeError(f"{str(idx_path)!r} has dtype code {code}; token data uses one of the integer codes {sorted(DTYPE_CODES)}.")
-    dtype = DTYPE_CODES[code]
+    dtype, sizes, pointers, _, _ = read_index(idx_path)
     _check_integer(dtype, str(idx_path))
-    expected = _HEADER.size + 12 * count + 8 * doc_count
-    if size != expected:
-        raise LmscopeError(
-            f"{str(idx_path)!r} is {size} bytes, but its header announces {count} sequences and {doc_count} document "
-            f"entries ({expected} bytes); the file is truncated or corrupt, so download it again."
-        )
-    mapped = np.memmap(idx_path, dtype=np.uint8, mode="r")
-    sizes = np.frombuffer(mapped, dtype="<i4", count=count, offset=_HEADER.size)
-    pointers = np.frombuffer(mapped, dtype="<i8", count=count, offset=_HEADER.size + 4 * count)
     return dtype, sizes, pointers
 
 
