@@ -111,3 +111,20 @@ def test_result_rows_fit_the_results_schema(setup, tmp_path: Path) -> None:
     write_results(result_rows(results, model="tiny", revision="step0", step=0, tokens_seen=0), tmp_path / "bpb.parquet")
     (row,) = query_results("SELECT value, bytes FROM results WHERE domain = 'all'", [tmp_path]).to_pylist()
     assert row == {"value": results[-1].bits_per_byte, "bytes": results[-1].bytes}
+
+
+def test_max_per_domain_takes_the_first_documents_of_each_domain(setup) -> None:
+    model, corpus = setup
+    heldout = corpus.select(split="heldout").tolist()
+    domains = corpus.documents.column("domain").to_pylist()
+    expected: dict[str, list[int]] = {}
+    for doc in heldout:
+        if len(expected.setdefault(domains[doc], [])) < 2:
+            expected[domains[doc]].append(doc)
+    results = {r.domain: r for r in bits_per_byte_by_domain(model, corpus, ctx=256, prefix_token_id=PREFIX, max_per_domain=2)}
+    n_tokens = corpus.documents.column("n_tokens").to_numpy()
+    assert len(expected) >= 2 and set(results) == set(expected) | {"all"}
+    for domain, docs in expected.items():
+        assert results[domain].documents == len(docs) and results[domain].tokens == int(n_tokens[docs].sum())
+    with pytest.raises(LmscopeError, match="max_per_domain=0"):
+        bits_per_byte_by_domain(model, corpus, max_per_domain=0)

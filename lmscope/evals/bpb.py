@@ -90,6 +90,20 @@ def _prefix_token(model: Any, tokenizer: Any) -> int | None:
 
 
 @torch.no_grad()
+def _first_per_domain(indices: np.ndarray, domains: list[str], n: int) -> np.ndarray:
+    """The first ``n`` of ``indices`` (document indices, in order) from each domain, order kept."""
+    if n < 1:
+        raise LmscopeError(f"max_per_domain={n}: give a positive number of documents per domain.")
+    taken: dict[str, int] = {}
+    keep = []
+    for index in indices.tolist():
+        domain = domains[index]
+        if taken.get(domain, 0) < n:
+            taken[domain] = taken.get(domain, 0) + 1
+            keep.append(index)
+    return np.asarray(keep, dtype=indices.dtype)
+
+
 def bits_per_byte_by_domain(
     model: Any,
     corpus: Any,
@@ -100,6 +114,7 @@ def bits_per_byte_by_domain(
     stride: int | None = None,
     batch_size: int = 8,
     max_documents: int | None = None,
+    max_per_domain: int | None = None,
     prefix_token_id: int | None | str = "auto",
     tokenizer: Any = None,
     progress: Progress = no_progress,
@@ -115,6 +130,8 @@ def bits_per_byte_by_domain(
         stride: sliding-window stride; default ``ctx // 2``.
         batch_size: windows per forward pass; results do not depend on it (beyond float rounding).
         max_documents: score only the first N selected documents (in corpus order).
+        max_per_domain: score only the first N selected documents of each domain (in corpus
+            order), so that every domain is measured on a fixed sample as in Paloma.
         prefix_token_id: token put before each document; ``"auto"``: BOS, else EOS; ``None``: no prefix.
 
     Returns one :class:`DomainBitsPerByte` per domain (sorted), then ``"all"``.
@@ -129,6 +146,8 @@ def bits_per_byte_by_domain(
     device = next(hf.parameters()).device
 
     indices = corpus.select(split=split, domain=domain)
+    if max_per_domain is not None:
+        indices = _first_per_domain(indices, corpus.documents.column("domain").to_pylist(), max_per_domain)
     if max_documents is not None:
         indices = indices[:max_documents]
     if len(indices) == 0:
