@@ -20,6 +20,7 @@ from lmscope.evals.icl import (
     repeated_random_tokens,
     result_rows,
     scaled_positions,
+    uniform_induction_score,
 )
 from lmscope.models.hooks import HookedModel
 from tiny_models import tiny_model
@@ -164,3 +165,13 @@ def test_result_rows_fit_the_results_schema(setup, tmp_path: Path) -> None:
     assert [(r["layer"], r["head"]) for r in heads] == [(l, h) for l in range(3) for h in range(4)]
     assert heads[5]["value"] == pytest.approx(scores[1, 1].item())
     assert isinstance(icl, ICLScore)
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_uniform_attention_scores_the_chance_level(bos: bool) -> None:
+    model = tiny_model("llama")
+    with torch.no_grad():  # zero queries: every score is 0, so causal softmax attention is uniform over earlier keys
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.zero_()
+    scores = induction_scores(HookedModel(model), seq_len=9, n_sequences=3, prepend_bos=bos)
+    assert torch.allclose(scores, torch.full_like(scores, uniform_induction_score(9, bos=bos)), atol=1e-6)

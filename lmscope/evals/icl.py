@@ -244,6 +244,15 @@ def induction_scores(
     return torch.stack([prefix_matching_score(cache[name].float().cpu(), seq_len, offset) for name in names])
 
 
+def uniform_induction_score(seq_len: int, bos: bool = True) -> float:
+    """The induction score of a head attending uniformly to every earlier position (the chance level).
+
+    Query ``i`` (0-based, of ``[BOS,] r, r``) spreads ``1 / (i + 1)`` on each key, the induction target included.
+    """
+    offset = 1 if bos else 0
+    return sum(1.0 / (i + 1) for i in range(offset + seq_len, offset + 2 * seq_len)) / seq_len
+
+
 def result_rows(result: ICLScore | Tensor, **identity: Any) -> list[dict[str, Any]]:
     """Rows of the results schema for either metric.
 
