@@ -1,43 +1,243 @@
-"""Plots researchers expect from a sweep: a metric against tokens seen, one line per size (and seed)."""
+"""Plots researchers expect from a sweep, each drawn from rows of the results schema.
+
+Every function takes the results (a ``pyarrow`` table or a list of row dicts), writes one PNG
+atomically and returns its path; it raises :class:`LmscopeError` when the results hold nothing
+to draw. Models are drawn in order of size (the suite's own order when rows carry it), so
+colours mean the same size in every figure.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from lmscope.errors import LmscopeError
 from lmscope.fsio import atomic_path
 
+Rows = pa.Table | Iterable[Mapping[str, Any]]
 
-def plot_metric_vs_tokens(table: pa.Table, metric: str, out_png: str | os.PathLike[str], domain: str = "all") -> Path:
-    """``metric`` on ``domain`` against tokens seen (symmetric-log axis, so step 0 shows), one line per model."""
+
+def _rows(results: Rows) -> list[dict[str, Any]]:
+    return results.to_pylist() if isinstance(results, pa.Table) else [dict(r) for r in results]
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in table.to_pylist() if r["metric"] == metric and r["domain"] == domain and r["tokens_seen"] is not None]
+    return plt
+
+
+def _save(figure: Any, out_png: str | os.PathLike[str]) -> Path:
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    _pyplot().close(figure)
+    return out_png
+
+
+def _label(row: Mapping[str, Any]) -> str:
+    return row["model"] if row.get("seed") in (None, 0) else f"{row['model']} (seed {row['seed']})"
+
+
+def _size_key(label: str) -> tuple[float, str]:
+    """Sort ``0.3m``, ``1.6m``, ``70m``, ``1b`` by the number they name; other labels after, by name."""
+    units = {"k": 1e3, "m": 1e6, "b": 1e9}
+    head = label.split(" ")[0].lower()
+    try:
+        if head and head[-1] in units:
+            return (float(head[:-1]) * units[head[-1]], label)
+    except ValueError:
+        pass
+    return (math.inf, label)
+
+
+def _models(rows: list[dict[str, Any]]) -> list[str]:
+    return sorted({_label(r) for r in rows}, key=_size_key)
+
+
+def _symlog_tokens(axis: Any, tokens: Iterable[int]) -> None:
+    positive = [t for t in tokens if t and t > 0]
+    axis.set_xscale("symlog", linthresh=min(positive) if positive else 1)
+    axis.set_xlabel("tokens seen")
+
+
+def _panels(plt: Any, n: int, width: float = 4.2, height: float = 3.4) -> tuple[Any, list[Any]]:
+    figure, axes = plt.subplots(1, n, figsize=(width * n + 0.6, height), squeeze=False)
+    return figure, list(axes[0])
+
+
+def plot_metric_vs_tokens(results: Rows, metric: str, out_png: str | os.PathLike[str], domain: str = "all",
+                          where: Mapping[str, Any] | None = None, ylabel: str | None = None) -> Path:
+    """``metric`` on ``domain`` against tokens seen (symmetric-log axis, so step 0 shows), one line per model.
+
+    ``where`` keeps only rows whose extra columns have the given values (e.g. ``{"lens": "logit"}``).
+    """
+    plt = _pyplot()
+    where = dict(where or {})
+    rows = [r for r in _rows(results) if r["metric"] == metric and r["domain"] == domain and r["tokens_seen"] is not None
+            and all(r.get(k) == v for k, v in where.items())]
     if not rows:
         raise LmscopeError(f"no {metric!r} results on domain {domain!r} with tokens seen to plot; run a sweep over a suite first.")
     lines: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
-        label = r["model"] if r.get("seed") in (None, 0) else f"{r['model']} (seed {r['seed']})"
-        lines.setdefault(label, []).append((r["tokens_seen"], r["value"]))
+        lines.setdefault(_label(r), []).append((r["tokens_seen"], r["value"]))
     figure, axis = plt.subplots(figsize=(7, 4.2))
-    for label in sorted(lines):
+    for label in _models(rows):
         points = sorted(lines[label])
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label)
-    positive = [r["tokens_seen"] for r in rows if r["tokens_seen"] > 0]
-    axis.set_xscale("symlog", linthresh=min(positive) if positive else 1)
-    axis.set_xlabel("tokens seen")
-    axis.set_ylabel(f"{metric} ({domain})")
+    _symlog_tokens(axis, (r["tokens_seen"] for r in rows))
+    axis.set_ylabel(ylabel or f"{metric} ({domain})")
     axis.grid(alpha=0.3)
     axis.legend(title="model")
     figure.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
-    return out_png
+    return _save(figure, out_png)
+
+
+def plot_domain_heatmap(results: Rows, out_png: str | os.PathLike[str], metric: str = "bits_per_byte") -> Path:
+    """``metric`` per domain (rows) × checkpoint (columns), one panel per model, values written in the cells."""
+    plt = _pyplot()
+    rows = [r for r in _rows(results) if r["metric"] == metric and r["domain"] != "all" and r["step"] is not None]
+    if not rows:
+        raise LmscopeError(f"no per-domain {metric!r} results at known steps to plot; run a bpb sweep over a suite first.")
+    models = _models(rows)
+    domains = sorted({r["domain"] for r in rows})
+    values = [r["value"] for r in rows]
+    vmin, vmax = min(values), max(values)
+    steps_all = sorted({r["step"] for r in rows})
+    figure, axes = _panels(plt, len(models), width=max(3.0, 0.55 * len(steps_all) + 1.6), height=0.55 * len(domains) + 1.8)
+    image = None
+    for axis, model in zip(axes, models):
+        mine = [r for r in rows if _label(r) == model]
+        steps = sorted({r["step"] for r in mine})
+        grid = np.full((len(domains), len(steps)), np.nan)
+        for r in mine:
+            grid[domains.index(r["domain"]), steps.index(r["step"])] = r["value"]
+        image = axis.imshow(grid, aspect="auto", cmap="viridis_r", vmin=vmin, vmax=vmax)
+        axis.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90 if len(steps) > 8 else 0, fontsize=8)
+        axis.set_yticks(range(len(domains)), domains if axis is axes[0] else [""] * len(domains), fontsize=8)
+        axis.set_xlabel("checkpoint step")
+        axis.set_title(model)
+        if len(steps) * len(domains) <= 80:
+            for (i, j), value in np.ndenumerate(grid):
+                if not np.isnan(value):
+                    dark = (value - vmin) / ((vmax - vmin) or 1) > 0.5
+                    axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
+    figure.colorbar(image, ax=axes, label=metric.replace("_", " "), fraction=0.03, pad=0.02)
+    return _save(figure, out_png)
+
+
+def plot_memorization_vs_exposure(results: Rows, out_png: str | os.PathLike[str], bins: int = 16) -> Path:
+    """Mean memorization score against the step each sequence was trained at, one panel per model.
+
+    One line per checkpoint (darker = later), each a binned mean over training steps; a dotted
+    vertical line marks where the checkpoint was saved: sequences to its right had not yet been
+    seen, so their scores are the chance-level control.
+    """
+    plt = _pyplot()
+    rows = [r for r in _rows(results) if r["metric"] == "memorization_score" and r.get("step_seen") is not None]
+    if not rows:
+        raise LmscopeError("no memorization results to plot; run a sweep with --metrics memorization over a suite.")
+    models = _models(rows)
+    top = max(r["step_seen"] for r in rows) + 1
+    edges = np.linspace(0, top, bins + 1)
+    figure, axes = _panels(plt, len(models))
+    cmap = plt.get_cmap("plasma")
+    for axis, model in zip(axes, models):
+        mine = [r for r in rows if _label(r) == model]
+        checkpoints = sorted({r["step"] for r in mine if r["step"] is not None})
+        for k, step in enumerate(checkpoints):
+            seen = np.array([r["step_seen"] for r in mine if r["step"] == step])
+            score = np.array([r["value"] for r in mine if r["step"] == step])
+            which = np.clip(np.digitize(seen, edges) - 1, 0, bins - 1)
+            centres = [(edges[b] + edges[b + 1]) / 2 for b in range(bins) if (which == b).any()]
+            means = [score[which == b].mean() for b in range(bins) if (which == b).any()]
+            colour = cmap(0.85 * k / max(len(checkpoints) - 1, 1))
+            axis.plot(centres, means, color=colour, marker=".", label=f"step {step}")
+            if 0 < step < top:
+                axis.axvline(step, color=colour, linestyle=":", linewidth=0.8)
+        axis.set_title(model)
+        axis.set_xlabel("step the sequence was trained at")
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("memorization score (32 greedy tokens)")
+    axes[-1].legend(title="checkpoint", fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    figure.tight_layout()
+    return _save(figure, out_png)
+
+
+def plot_induction_heads(results: Rows, out_png: str | os.PathLike[str]) -> Path:
+    """Prefix-matching (induction) score of every head against tokens seen, one panel per model."""
+    plt = _pyplot()
+    rows = [r for r in _rows(results) if r["metric"] == "induction_score" and r["tokens_seen"] is not None]
+    if not rows:
+        raise LmscopeError("no induction-head results to plot; run a sweep with --metrics induction over a suite.")
+    models = _models(rows)
+    figure, axes = _panels(plt, len(models))
+    for axis, model in zip(axes, models):
+        mine = [r for r in rows if _label(r) == model]
+        heads = sorted({(r["layer"], r["head"]) for r in mine})
+        layers = sorted({h[0] for h in heads})
+        for layer, head in heads:
+            points = sorted((r["tokens_seen"], r["value"]) for r in mine if (r["layer"], r["head"]) == (layer, head))
+            style = ["-", "--", ":", "-."][layers.index(layer) % 4]
+            axis.plot([p[0] for p in points], [p[1] for p in points], style, marker=".", label=f"L{layer}H{head}")
+        _symlog_tokens(axis, (r["tokens_seen"] for r in mine))
+        seq_lens = {r.get("seq_len") for r in mine} - {None}
+        if len(seq_lens) == 1:
+            from lmscope.evals.icl import uniform_induction_score
+
+            axis.axhline(uniform_induction_score(seq_lens.pop()), color="grey", linestyle=":", linewidth=1)
+        axis.set_title(model)
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6, ncol=2 if len(heads) > 6 else 1)
+    axes[0].set_ylabel("induction (prefix-matching) score")
+    figure.tight_layout()
+    return _save(figure, out_png)
+
+
+def plot_lens_curves(results: Rows, out_png: str | os.PathLike[str], metric: str = "lens_kl") -> Path:
+    """Lens ``metric`` per layer, one panel per model: one line per checkpoint (darker = later),
+    solid for the logit lens and dashed for the tuned lens."""
+    plt = _pyplot()
+    rows = [r for r in _rows(results) if r["metric"] == metric and r.get("layer") is not None and r["step"] is not None]
+    if not rows:
+        raise LmscopeError(f"no {metric!r} results to plot; run a sweep with --metrics lens over a suite.")
+    models = _models(rows)
+    figure, axes = _panels(plt, len(models))
+    cmap = plt.get_cmap("viridis")
+    for axis, model in zip(axes, models):
+        mine = [r for r in rows if _label(r) == model]
+        checkpoints = sorted({r["step"] for r in mine})
+        for k, step in enumerate(checkpoints):
+            colour = cmap(0.9 * k / max(len(checkpoints) - 1, 1))
+            for kind, style in (("logit", "-"), ("tuned", "--")):
+                points = sorted((r["layer"], r["value"]) for r in mine if r["step"] == step and (r.get("lens") or "logit") == kind)
+                if points:
+                    label = f"step {step}" if kind == "logit" else None
+                    axis.plot([p[0] for p in points], [p[1] for p in points], style, color=colour, marker=".", label=label)
+        layers = sorted({r["layer"] for r in mine})
+        axis.set_xticks(layers)
+        axis.set_xlabel("layer (residual stream after it)")
+        axis.set_title(model)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel({"lens_kl": "KL to the final distribution (nats)", "lens_cross_entropy": "cross-entropy (nats)"}.get(metric, metric))
+    handles, labels = axes[-1].get_legend_handles_labels()
+    if any((r.get("lens") or "logit") == "tuned" for r in rows):
+        from matplotlib.lines import Line2D
+
+        handles += [Line2D([], [], color="grey", linestyle="-"), Line2D([], [], color="grey", linestyle="--")]
+        labels += ["logit lens", "tuned lens"]
+    axes[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    figure.tight_layout()
+    return _save(figure, out_png)

@@ -1,0 +1,119 @@
+"""A self-contained HTML page: text, tables and PNG figures embedded as ``data:`` URIs.
+
+The page loads nothing from anywhere (no scripts, fonts, stylesheets or images by URL), so it
+opens offline, attaches to an e-mail, and stays the same forever. Every piece of text is
+HTML-escaped here; callers pass plain strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmscope.fsio import atomic_write_text
+
+STYLE = """
+body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: #1d1d1f;
+       max-width: 1100px; margin: 2em auto; padding: 0 1.2em; }
+h1 { font-size: 1.7em; margin-bottom: 0.1em; }
+h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+h3 { font-size: 1.05em; margin-bottom: 0.3em; }
+.subtitle { color: #666; margin-top: 0; }
+figure { margin: 1em 0 2em 0; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+.reading { font-weight: 600; margin: 0.3em 0; }
+.explain { color: #555; margin: 0.2em 0 0.6em 0; }
+table { border-collapse: collapse; margin: 0.6em 0 1.2em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f5f5f7; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+code { background: #f5f5f7; padding: 0.05em 0.3em; border-radius: 3px; }
+.missing { color: #a33; }
+"""
+
+
+@dataclass
+class Figure:
+    """A PNG with a title, a one-line reading (what it shows, in numbers) and how to read it."""
+
+    title: str
+    png: str | os.PathLike[str]
+    reading: str | None
+    explain: str
+
+
+@dataclass
+class Table:
+    """Rows of dicts (same keys) shown as an HTML table; floats formatted to ``digits`` significant digits."""
+
+    title: str
+    rows: Sequence[Mapping[str, Any]]
+    digits: int = 4
+
+
+@dataclass
+class Section:
+    heading: str
+    paragraphs: list[str] = field(default_factory=list)
+    items: list[Figure | Table] = field(default_factory=list)
+
+
+def _cell(value: Any, digits: int) -> tuple[str, bool]:
+    if isinstance(value, float):
+        return f"{value:.{digits}g}", True
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}", True
+    return html.escape("" if value is None else str(value)), False
+
+
+def _table(table: Table) -> str:
+    if not table.rows:
+        return f"<h3>{html.escape(table.title)}</h3><p class='missing'>(no rows)</p>"
+    keys = list(table.rows[0])
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in keys)
+    body = []
+    for row in table.rows:
+        cells = []
+        for key in keys:
+            text, numeric = _cell(row.get(key), table.digits)
+            cells.append(f"<td class='num'>{text}</td>" if numeric else f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<h3>{html.escape(table.title)}</h3><table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _figure(figure: Figure) -> str:
+    data = base64.b64encode(Path(figure.png).read_bytes()).decode("ascii")
+    reading = f"<p class='reading'>{html.escape(figure.reading)}</p>" if figure.reading else ""
+    return (f"<figure><h3>{html.escape(figure.title)}</h3>{reading}"
+            f"<img alt='{html.escape(figure.title, quote=True)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption class='explain'>{html.escape(figure.explain)}</figcaption></figure>")
+
+
+def render_html(title: str, subtitle: str, sections: Sequence[Section]) -> str:
+    """The whole page as one string."""
+    parts = [
+        "<!DOCTYPE html>",
+        "<html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p class='subtitle'>{html.escape(subtitle)}</p>",
+    ]
+    for section in sections:
+        parts.append(f"<h2>{html.escape(section.heading)}</h2>")
+        parts += [f"<p>{html.escape(p)}</p>" for p in section.paragraphs]
+        for item in section.items:
+            parts.append(_figure(item) if isinstance(item, Figure) else _table(item))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_html(path: str | os.PathLike[str], title: str, subtitle: str, sections: Sequence[Section]) -> Path:
+    """Render and write the page atomically; returns its path."""
+    path = Path(path)
+    atomic_write_text(path, render_html(title, subtitle, sections))
+    return path
