@@ -10,8 +10,8 @@ scored position:
 
 The last layer's lens *is* the model's output, so its KL is 0 and its cross-entropy is the
 model's loss (a built-in check). Contexts are the first ``ctx`` tokens of held-out
-documents at least that long, in corpus order. (The tuned lens, an affine translator
-trained per layer, comes later.)
+documents at least that long, in corpus order (:func:`lens_contexts`). The tuned lens, an
+affine translator trained per layer, is :mod:`lmscope.evals.tuned_lens`.
 """
 
 from __future__ import annotations
@@ -38,13 +38,8 @@ class LensLayer:
         return asdict(self)
 
 
-@torch.no_grad()
-def logit_lens(
-    hooked: Any, corpus: Any, *, ctx: int = 64, n_contexts: int = 16, batch_size: int = 4, split: str = "heldout"
-) -> list[LensLayer]:
-    """Logit-lens cross-entropy and KL per layer of a :class:`~lmscope.models.hooks.HookedModel`."""
-    if ctx < 2 or n_contexts < 1 or batch_size < 1:
-        raise LmscopeError(f"ctx={ctx}, n_contexts={n_contexts}, batch_size={batch_size}: need ctx >= 2 and positive counts.")
+def lens_contexts(corpus: Any, *, split: str, ctx: int, n_contexts: int) -> list[np.ndarray]:
+    """The first ``ctx`` tokens (int64, shape ``(ctx,)``) of up to ``n_contexts`` ``split`` documents at least that long, in corpus order."""
     contexts = []
     for doc in corpus.select(split=split).tolist():
         tokens = corpus.document_tokens(doc)
@@ -54,6 +49,17 @@ def logit_lens(
                 break
     if not contexts:
         raise LmscopeError(f"no {split} document has {ctx} tokens; pass a smaller ctx.")
+    return contexts
+
+
+@torch.no_grad()
+def logit_lens(
+    hooked: Any, corpus: Any, *, ctx: int = 64, n_contexts: int = 16, batch_size: int = 4, split: str = "heldout"
+) -> list[LensLayer]:
+    """Logit-lens cross-entropy and KL per layer of a :class:`~lmscope.models.hooks.HookedModel`."""
+    if ctx < 2 or n_contexts < 1 or batch_size < 1:
+        raise LmscopeError(f"ctx={ctx}, n_contexts={n_contexts}, batch_size={batch_size}: need ctx >= 2 and positive counts.")
+    contexts = lens_contexts(corpus, split=split, ctx=ctx, n_contexts=n_contexts)
     model = hooked.model
     final_norm = model.get_submodule(hooked.arch.final_norm)
     unembed = model.get_output_embeddings()
