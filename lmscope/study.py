@@ -1,10 +1,9 @@
 """The main job: run a study from a TOML config into a run directory.
 
-At this stage a study builds (or reuses) the corpus, loads the model, writes the
-activations of the chosen hooks over part of the held-out split, summarises them,
-and trains (or reuses) the mini suite, reporting how much each size learned and
-which documents its first training step saw. Later stages add their steps here, each reading and writing the same run
-directory::
+A study builds (or reuses) the corpus, loads the model and writes the activations of the
+chosen hooks over part of the held-out split; trains (or reuses) the mini suite; sweeps the
+suite's checkpoints with the evaluation metrics; and writes a self-contained HTML report.
+Later stages add their steps here, each reading and writing the same run directory::
 
     runs/<name>/
       study.toml        the resolved config
@@ -12,9 +11,12 @@ directory::
       summary.json      what the study found, as printed
       results/*.parquet the study's numbers in the one results schema (`lmscope results query`)
       activations/      the activation store (resumable)
+      cache/            one Parquet file per (checkpoint, metric) of the sweep (resumable)
+      figures/*.png     the report's figures
+      report.html       the report: one file, works offline
 
-A killed study resumes: the corpus and the model are cached, and the activation
-store skips the shards it already holds.
+A killed study resumes: the corpus, the model and the suite are cached, the activation
+store skips the shards it already holds, and the sweep skips the units in ``cache/``.
 """
 
 from __future__ import annotations
@@ -67,6 +69,34 @@ class ActivationsConfig:
             raise LmscopeError(f"[activations] split {self.split!r} is not a split; use heldout or train.")
 
 
+DEFAULT_EVAL_METRICS = ("bpb", "memorization", "icl", "induction", "lens", "tuned_lens")
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation sweep over the suite's checkpoints (``lmscope eval``'s settings)."""
+
+    select: str = "log:10"
+    """Checkpoint selector (``all``, ``log:N``, ``every:K``, lists, ranges) applied to every size."""
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_METRICS))
+    """Metrics to run: bpb, memorization, icl, induction, lens, tuned_lens; empty to skip the sweep."""
+    documents_per_domain: int = 8
+    """Held-out documents per domain scored for bits per byte."""
+    memorization_sequences: int = 256
+    """Training sequences sampled across the data order for the memorization test."""
+    batch_size: int = 8
+    """Windows or contexts per forward pass."""
+
+    def __post_init__(self) -> None:
+        from lmscope.evals.sweep import METRICS
+
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise LmscopeError(f"[eval] metrics has unknown name(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}.")
+        if self.documents_per_domain <= 0 or self.memorization_sequences <= 0 or self.batch_size <= 0:
+            raise LmscopeError("[eval] documents_per_domain, memorization_sequences and batch_size must be positive integers.")
+
+
 @dataclass
 class StudyConfig:
     """A study: one model, one corpus, and what to measure. The same object feeds the CLI, the TOML file and the API."""
@@ -86,10 +116,14 @@ class StudyConfig:
     suite: str = "default"
     """Mini suite to train or reuse: ``default`` (the default suite, cached under ``$LMSCOPE_HOME``),
     a trained suite directory, or ``none`` to skip."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The evaluation sweep over the suite's checkpoints (skipped when there is no suite)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.activations, dict):
             self.activations = _from_mapping(ActivationsConfig, self.activations, "[activations]")
+        if isinstance(self.eval, dict):
+            self.eval = _from_mapping(EvalConfig, self.eval, "[eval]")
         if not self.name or any(ch in self.name for ch in "/\\") or self.name.startswith("."):
             raise LmscopeError(f"study name {self.name!r} must be a plain directory name (no slashes, not hidden).")
 
@@ -253,6 +287,23 @@ def _write_study_results(run_dir: Path, config: StudyConfig, summary: dict[str, 
         write_results(rows, run_dir / "results" / "suite.parquet")
 
 
+def _run_evaluation(config: StudyConfig, suite_dir: Path, run_dir: Path, progress: Progress) -> dict[str, Any]:
+    """The sweep over the suite's checkpoints, into ``run_dir/results/eval.parquet`` (cached in ``run_dir/cache``)."""
+    import pyarrow.parquet as pq
+
+    from lmscope.evals.sweep import run_sweep
+
+    ev = config.eval
+    path = run_sweep(str(suite_dir), suite_dir / "corpus", run_dir, select=ev.select, metrics=tuple(ev.metrics),
+                     documents_per_domain=ev.documents_per_domain, max_documents=None,
+                     memorization_sequences=ev.memorization_sequences, batch_size=ev.batch_size, device=config.device,
+                     progress=progress)
+    table = pq.read_table(path, columns=["model", "step"])
+    return {"results": str(path.relative_to(run_dir)), "rows": table.num_rows, "metrics": list(ev.metrics),
+            "models": sorted(set(table.column("model").to_pylist())),
+            "steps": sorted(set(s for s in table.column("step").to_pylist() if s is not None))}
+
+
 def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", progress: Progress = no_progress) -> dict[str, Any]:
     """Run a study into ``runs_dir/<config.name>`` and return its summary (also written to ``summary.json``)."""
     from lmscope.activations.job import capture_corpus_activations
@@ -319,6 +370,12 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         suite_summary = _suite_summary(suite_dir)
         timings["suite_s"] = time.perf_counter() - clock
 
+    evaluation = None
+    if suite_summary is not None and config.eval.metrics:
+        clock = time.perf_counter()
+        evaluation = _run_evaluation(config, Path(suite_summary["path"]), run_dir, progress)
+        timings["eval_s"] = time.perf_counter() - clock
+
     corpus_stats = {"path": str(corpus_dir), "documents": len(corpus), "tokens": int(corpus.n_tokens), "domains": corpus.domains}
     summary = {
         "study": config.name,
@@ -330,10 +387,18 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         "activations": _activation_summary(run_dir / "activations"),
         "activation_rows_by_domain": _rows_by_domain(run_dir / "activations"),
         "suite": suite_summary,
+        "evaluation": evaluation,
         "timings": timings,
     }
-    atomic_write_json(run_dir / "summary.json", summary)
     _write_study_results(run_dir, config, summary)
+    clock = time.perf_counter()
+    progress("write report", 0, 1)
+    from lmscope.report.build import build_report
+
+    summary["report"] = str(build_report(run_dir, summary))
+    progress("write report", 1, 1)
+    timings["report_s"] = time.perf_counter() - clock
+    atomic_write_json(run_dir / "summary.json", summary)
     manifest = {
         "lmscope_version": lmscope.__version__,
         "model": {"spec": config.model, "source": hooked.source, "dtype": config.dtype, "device": str(hooked.device)},

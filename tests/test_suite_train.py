@@ -439,27 +439,52 @@ def test_a_directory_holding_another_suite_is_refused(trained: dict) -> None:
 
 
 def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_path: Path) -> None:
-    """The main job on a mini suite: a checkpoint of it, its own corpus, and the suite's summary."""
-    from lmscope.study import ActivationsConfig, StudyConfig, run_study
+    """The main job on a mini suite: a checkpoint of it, its own corpus, the suite's summary, the sweep and the report."""
+    import re
+
+    import pyarrow.parquet as pq
+
+    from lmscope.evals.sweep import METRICS
+    from lmscope.study import ActivationsConfig, EvalConfig, StudyConfig, run_study
     from lmscope.suites.replay import open_source, replay_step
 
     suite = trained["suite"]
     config = StudyConfig(name="mini", model=f"{suite}/s32@step{STEPS}", corpus=str(suite / "corpus"), device="cpu",
-                         suite=str(suite), activations=ActivationsConfig(hooks=["blocks.0.hook_resid_post"], tokens=256, ctx=32))
-    summary = run_study(config, tmp_path)["suite"]
+                         suite=str(suite), activations=ActivationsConfig(hooks=["blocks.0.hook_resid_post"], tokens=256, ctx=32),
+                         eval=EvalConfig(select=f"0,{STEPS}", documents_per_domain=2, memorization_sequences=16))
+    result = run_study(config, tmp_path)
+    summary = result["suite"]
     check = trained["summary"]
     assert summary["unigram_bits_per_byte"] == check["unigram_bits_per_byte"]
     assert {m["model"]: m["heldout_bits_per_byte"] for m in summary["models"]} == {
         m["size"]: m["heldout_bits_per_byte"] for m in check["models"]}
     from lmscope.results.query import query_results
 
-    rows = query_results("SELECT model, step, tokens_seen, value FROM results WHERE metric = 'bits_per_byte' AND model != 'unigram'",
-                         [tmp_path / "mini"]).to_pylist()
+    rows = query_results("SELECT model, step, tokens_seen, value FROM results WHERE metric = 'bits_per_byte' AND model != 'unigram' "
+                         "AND domain = 'heldout'", [tmp_path / "mini"]).to_pylist()
     assert {r["model"]: r["value"] for r in rows} == {m["size"]: m["heldout_bits_per_byte"] for m in check["models"]}
     assert all(r["step"] == STEPS and r["tokens_seen"] == STEPS * BATCH * SEQ for r in rows)
     batch = replay_step(open_source(str(suite)), 0)
     assert summary["step0_rows"] == BATCH == len(batch.rows)
     assert sum(summary["step0_domains"].values()) == sum(piece.length for pieces in batch.segments for piece in pieces)
+
+    run = tmp_path / "mini"
+    evaluation = result["evaluation"]
+    assert evaluation["steps"] == [0, STEPS] and evaluation["models"] == ["s16", "s32", "s64"] and evaluation["metrics"] == list(METRICS)
+    table = pq.read_table(run / evaluation["results"])
+    assert {"bits_per_byte", "memorization_score", "icl_score", "induction_score", "lens_kl"} <= set(table.column("metric").to_pylist())
+    assert {r["lens"] for r in table.to_pylist() if r["metric"] == "lens_kl"} == {"logit", "tuned"}
+    page = (run / "report.html").read_text()
+    images = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,", page)
+    assert len(images) == 7 and "Memorization of training sequences against when they were seen" in images
+    assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", page) and "http" not in page
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {"report.html", "results/eval.parquet", "figures/memorization.png"} <= {a["path"] for a in manifest["artifacts"]}
+    cached = sorted((run / "cache").glob("*.parquet"))
+    assert len(cached) == 3 * 2 * len(METRICS)
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    again = run_study(config, tmp_path)
+    assert [p.stat().st_mtime_ns for p in cached] == stamps and again["evaluation"] == evaluation
 
 
 def test_eval_sweep_over_the_suite_matches_direct_computation_and_caches(trained: dict, tmp_path: Path) -> None:

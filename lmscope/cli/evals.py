@@ -16,14 +16,19 @@ from lmscope.cli.render import print_json, print_table, progress_bars, stdout
 def evaluate(
     target: Annotated[str, typer.Argument(help="A suite directory (or one size of it), a catalogued model, or any model spec.")],
     select: Annotated[str | None, typer.Option("--select", "-s", help="Checkpoint selector: all, log:N, every:K, lists, ranges.")] = None,
-    metrics: Annotated[str, typer.Option(help="Comma-separated metrics: bpb, icl, induction, lens (logit lens).")] = "bpb",
+    metrics: Annotated[str, typer.Option(help="Comma-separated metrics: bpb, memorization, icl, induction, lens (logit lens), "
+                                               "tuned_lens.")] = "bpb",
     corpus: Annotated[Path | None, typer.Option(help="Tokenized corpus (default: the suite's own corpus/).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (default runs/eval-<target name>).")] = None,
     ctx: Annotated[int | None, typer.Option(help="Bits-per-byte window length (default: the model's context).")] = None,
     stride: Annotated[int | None, typer.Option(help="Sliding-window stride (default ctx // 2).")] = None,
-    max_documents: Annotated[int, typer.Option("--max-documents", help="Held-out documents scored per checkpoint.")] = 64,
+    documents_per_domain: Annotated[int | None, typer.Option("--documents-per-domain",
+                                                             help="Bits per byte: held-out documents scored per domain.")] = 16,
+    max_documents: Annotated[int | None, typer.Option("--max-documents", help="Bits per byte: at most this many documents in all.")] = None,
+    memorization_sequences: Annotated[int, typer.Option("--memorization-sequences",
+                                                        help="Memorization: training sequences sampled across the data order.")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 8,
-    plot: Annotated[bool, typer.Option(help="Also write a plot of each metric against tokens seen.")] = True,
+    plot: Annotated[bool, typer.Option(help="Also write the figures the results support (PNG, next to the results).")] = True,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     json_output: JsonOption = False,
@@ -45,18 +50,20 @@ def evaluate(
     out = out or Path("runs") / f"eval-{target_path.name or 'model'}"
     with progress_bars(enabled=not json_output) as progress:
         path = run_sweep(target, corpus, out, select=select, metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
-                         bpb_ctx=ctx, bpb_stride=stride, max_documents=max_documents, batch_size=batch_size,
+                         bpb_ctx=ctx, bpb_stride=stride, documents_per_domain=documents_per_domain,
+                         max_documents=max_documents, memorization_sequences=memorization_sequences, batch_size=batch_size,
                          device=device, dtype=dtype, progress=progress)
     table = pq.read_table(path)
     plots = []
     if plot and any(v is not None for v in table.column("tokens_seen").to_pylist()):
-        from lmscope.report.plots import plot_metric_vs_tokens
+        from lmscope.report.figures import sweep_figures
 
-        plots.append(str(plot_metric_vs_tokens(table, "bits_per_byte", out / "bits_per_byte.png")))
+        plots = [str(figure.png) for figure in sweep_figures(table, out)]
     if json_output:
         print_json({"results": str(path), "plots": plots, "rows": table.to_pylist()})
         return
-    rows = [r for r in table.to_pylist() if r["domain"] == "all"]
+    rows = [r for r in table.to_pylist() if r["domain"] == "all" and r.get("layer") is None and r.get("head") is None]
     print_table([{"model": r["model"], "revision": r["revision"], "tokens_seen": r["tokens_seen"], "metric": r["metric"],
-                  "value": r["value"]} for r in rows], title="all domains")
-    stdout.print(f"results: {path}" + (f"\nplot: {plots[0]}" if plots else ""), highlight=False)
+                  "value": r["value"]} for r in rows], title="all domains (per-domain, per-layer, per-head and per-sequence rows "
+                                                             "are in the results file)")
+    stdout.print(f"results: {path}" + "".join(f"\nplot: {p}" for p in plots), highlight=False)

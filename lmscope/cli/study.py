@@ -20,7 +20,7 @@ def study(
     device: str = typer.Option(None, help="Override the device: auto, cpu, cuda, cuda:N."),
     as_json: JsonOption = False,
 ) -> None:
-    """Run a study: corpus, model, activations; rerun to resume a killed one."""
+    """Run a study: corpus, model, activations, suite, evaluation sweep, report.html; rerun to resume a killed one."""
     from lmscope.study import load_study_config, run_study
 
     cfg = load_study_config(config)
@@ -50,5 +50,29 @@ def study(
         stdout.print(f"step 0 trained on {suite['step0_rows']} rows from {suite['step0_documents']} documents, tokens by domain: "
                      f"{', '.join(f'{d} {n:,}' for d, n in suite['step0_domains'].items())}; suite at {suite['path']}",
                      highlight=False)
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        stdout.print(f"evaluated {', '.join(evaluation['models'])} at steps {', '.join(map(str, evaluation['steps']))} on "
+                     f"{', '.join(evaluation['metrics'])}: {evaluation['rows']:,} result rows in "
+                     f"{runs_dir / summary['study'] / evaluation['results']}", highlight=False)
     timings = "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in summary["timings"].items())
     stdout.print(f"timings: {timings}\nrun directory: {runs_dir / summary['study']}", highlight=False)
+    stdout.print(f"[bold]report: {summary['report']}[/]", highlight=False)
+
+
+@app.command("report")
+def report(
+    run_dir: Path = typer.Argument(..., help="A study's run directory (runs/<name>)."),
+    as_json: JsonOption = False,
+) -> None:
+    """Redraw a study's report.html and figures from its summary and results, without recomputing anything."""
+    from lmscope.errors import LmscopeError
+    from lmscope.report.build import build_report
+
+    if not (run_dir / "summary.json").is_file():
+        raise LmscopeError(f"{str(run_dir)!r} is not a finished study run (no summary.json); run `lmscope study` first.")
+    path = build_report(run_dir)
+    if as_json:
+        print_json({"report": str(path), "figures": sorted(str(p) for p in (run_dir / "figures").glob("*.png"))})
+        return
+    stdout.print(f"report: {path}", highlight=False)

@@ -1,0 +1,124 @@
+"""The study report: ``runs/<name>/report.html``, one self-contained page a newcomer can read.
+
+It says what was studied and on what (model, corpus, suite), shows every figure the study's
+results support with a one-line reading computed from the same numbers, lists the
+activations captured, and ends with how to reproduce and query the run. Figures are also
+kept as PNG files in ``runs/<name>/figures/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import lmscope
+from lmscope.report.figures import sweep_figures
+from lmscope.report.html import Section, Table, write_html
+
+
+def _read_eval_results(run_dir: Path) -> pa.Table | None:
+    """The sweep's rows at known checkpoints (the suite's own learning check, on other documents, is left out)."""
+    path = run_dir / "results" / "eval.parquet"
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    return table.filter(pc.is_valid(table["step"]))
+
+
+def _suite_section(suite: dict[str, Any], meta: dict[str, Any]) -> Section:
+    sizes = meta.get("sizes", {})
+    data = meta.get("data", {})
+    tokens = (suite.get("steps") or 0) * (suite.get("tokens_per_step") or 0)
+    rows = []
+    for model in suite["models"]:
+        info = sizes.get(model["model"], {})
+        rows.append({"model": model["model"], "parameters": model.get("params"), "layers": info.get("num_layers"),
+                     "hidden size": info.get("hidden_size"), "heads": info.get("heads"), "peak lr": info.get("lr"),
+                     "held-out bits/byte at the end": model.get("heldout_bits_per_byte")})
+    if suite.get("unigram_bits_per_byte") is not None:
+        rows.append({"model": "unigram baseline", "parameters": None, "layers": None, "hidden size": None, "heads": None,
+                     "peak lr": None, "held-out bits/byte at the end": suite["unigram_bits_per_byte"]})
+    paragraphs = [
+        f"A suite of {len(suite['models'])} GPT-NeoX models (Pythia's architecture) trained from scratch by lmscope on the "
+        f"corpus's training split, all on the same data in the same order: {suite['steps']} steps of "
+        f"{suite['tokens_per_step']:,} tokens ({tokens:,} tokens per model"
+        + (f", {data['fraction_of_epoch']:.0%} of one epoch" if data.get("fraction_of_epoch") else "")
+        + f"), with {suite['checkpoints']} checkpoints kept. Because the data order is recorded, every training "
+        "sequence's step is known; the memorization figure uses it.",
+        f"Step 0 trained on {suite['step0_rows']} rows drawn from {suite['step0_documents']} documents; tokens by domain: "
+        + ", ".join(f"{d} {n:,}" for d, n in suite["step0_domains"].items()) + ".",
+    ]
+    return Section("The suite", paragraphs, [Table("Sizes, and bits per byte on held-out text after the last step", rows)])
+
+
+def build_report(run_dir: str | os.PathLike[str], summary: dict[str, Any] | None = None,
+                 command: str = "lmscope study") -> Path:
+    """Write ``run_dir/report.html`` (and ``run_dir/figures/*.png``) from the run's summary and results; returns its path."""
+    run_dir = Path(run_dir)
+    summary = summary if summary is not None else json.loads((run_dir / "summary.json").read_text())
+    eval_rows = _read_eval_results(run_dir)
+    corpus = summary["corpus"]
+    sections: list[Section] = []
+
+    intro = [
+        f"This report was written by lmscope {lmscope.__version__} for the study {summary['study']!r}. It measures how "
+        "language models change while they train, using everything a fully open suite publishes: the weights at every "
+        "checkpoint, the training data, and the order in which it was seen.",
+        f"Corpus: {corpus['documents']:,} documents, {corpus['tokens']:,} tokens (for the pretrained model's tokenizer), "
+        f"in {len(corpus['domains'])} domains: {', '.join(corpus['domains'])}. A fixed part of each domain, chosen by a hash "
+        "of the document id, is held out and never trained on; every evaluation below uses held-out text unless it "
+        "says otherwise.",
+    ]
+    sections.append(Section("What was studied", intro))
+
+    suite = summary.get("suite")
+    if suite:
+        meta_path = Path(suite["path"]) / "suite.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        sections.append(_suite_section(suite, meta))
+
+    figures = sweep_figures(eval_rows, run_dir / "figures") if eval_rows is not None and eval_rows.num_rows else []
+    evaluation = summary.get("evaluation") or {}
+    if figures:
+        paragraphs = []
+        if evaluation:
+            paragraphs.append(
+                f"Checkpoints {', '.join(str(s) for s in evaluation.get('steps', []))} of every size were evaluated on "
+                f"{', '.join(evaluation.get('metrics', []))}; {evaluation.get('rows', 0):,} numbers in all, in "
+                "results/eval.parquet.")
+        sections.append(Section("Across training and scale", paragraphs, list(figures)))
+    elif suite:
+        sections.append(Section("Across training and scale", ["No evaluation results: the study's [eval] metrics list is empty."]))
+
+    activations = summary.get("activations") or []
+    if activations:
+        by_domain = ", ".join(f"{d} {n:,}" for d, n in summary.get("activation_rows_by_domain", {}).items())
+        sections.append(Section(
+            "Activations of the pretrained model",
+            [f"Model {summary['model']!r} ({summary['model_type']}, {summary['n_layers']} layers) was run on held-out contexts "
+             f"and the residual stream at the hooks below was stored in activations/ (safetensors shards with per-token "
+             f"document provenance), ready for sparse autoencoders. Token positions by domain: {by_domain}."],
+            [Table("Activations captured (mean and std over all entries; norm per token)", activations)],
+        ))
+
+    timings = summary.get("timings", {})
+    sections.append(Section("Reproduce and query", [
+        f"Command: {command}. Rerunning it reuses everything already computed (corpus, suite, activations, each "
+        "checkpoint's metrics) and redraws this report.",
+        "Every number is a row of one long table (suite, model, size, seed, revision, step, tokens_seen, metric, domain, "
+        "value, plus extra columns such as layer and head) in results/*.parquet; query it with SQL, e.g. "
+        "lmscope results query \"SELECT model, step, value FROM results WHERE metric = 'bits_per_byte' AND domain = 'all' "
+        "ORDER BY model, step\" --path runs/" + summary["study"] + "/results.",
+        "manifest.json lists every file of the run with its sha256, the library versions and the resolved config. "
+        "Timings: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timings.items()) + ".",
+    ]))
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return write_html(run_dir / "report.html", f"lmscope study: {summary['study']}",
+                      f"{stamp} · lmscope {lmscope.__version__} · run directory {run_dir.name}", sections)
