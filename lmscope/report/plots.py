@@ -104,7 +104,7 @@ def plot_metric_vs_tokens(results: Rows, metric: str, out_png: str | os.PathLike
 
 
 def plot_domain_heatmap(results: Rows, out_png: str | os.PathLike[str], metric: str = "bits_per_byte") -> Path:
-    """``metric`` per domain (rows) × checkpoint (columns), one panel per model, values written in the cells."""
+    """``metric`` per domain (rows) × checkpoint (columns), one panel per model stacked top to bottom, values in the cells."""
     plt = _pyplot()
     rows = [r for r in _rows(results) if r["metric"] == metric and r["domain"] != "all" and r["step"] is not None]
     if not rows:
@@ -113,8 +113,10 @@ def plot_domain_heatmap(results: Rows, out_png: str | os.PathLike[str], metric: 
     domains = sorted({r["domain"] for r in rows})
     values = [r["value"] for r in rows]
     vmin, vmax = min(values), max(values)
-    steps_all = sorted({r["step"] for r in rows})
-    figure, axes = _panels(plt, len(models), width=max(3.0, 0.55 * len(steps_all) + 1.6), height=0.55 * len(domains) + 1.8)
+    n_steps = len({r["step"] for r in rows})
+    figure, axes = plt.subplots(len(models), 1, figsize=(min(max(0.75 * n_steps + 2.5, 6.0), 12.0), (0.42 * len(domains) + 0.9) * len(models)),
+                                squeeze=False)
+    axes = list(axes[:, 0])
     image = None
     for axis, model in zip(axes, models):
         mine = [r for r in rows if _label(r) == model]
@@ -123,23 +125,32 @@ def plot_domain_heatmap(results: Rows, out_png: str | os.PathLike[str], metric: 
         for r in mine:
             grid[domains.index(r["domain"]), steps.index(r["step"])] = r["value"]
         image = axis.imshow(grid, aspect="auto", cmap="viridis_r", vmin=vmin, vmax=vmax)
-        axis.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90 if len(steps) > 8 else 0, fontsize=8)
-        axis.set_yticks(range(len(domains)), domains if axis is axes[0] else [""] * len(domains), fontsize=8)
-        axis.set_xlabel("checkpoint step")
-        axis.set_title(model)
-        if len(steps) * len(domains) <= 80:
+        axis.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=8)
+        axis.set_yticks(range(len(domains)), domains, fontsize=8)
+        axis.set_title(model, fontsize=9, loc="left")
+        if len(steps) * len(domains) <= 160:
             for (i, j), value in np.ndenumerate(grid):
                 if not np.isnan(value):
                     dark = (value - vmin) / ((vmax - vmin) or 1) > 0.5
-                    axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
+                    axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    axes[-1].set_xlabel("checkpoint step")
     figure.colorbar(image, ax=axes, label=metric.replace("_", " "), fraction=0.03, pad=0.02)
     return _save(figure, out_png)
 
 
-def plot_memorization_vs_exposure(results: Rows, out_png: str | os.PathLike[str], bins: int = 16) -> Path:
+def _spread(items: list[Any], n: int) -> list[Any]:
+    """At most ``n`` of ``items``, evenly spaced, first and last included."""
+    if len(items) <= n:
+        return items
+    picks = sorted({round(i * (len(items) - 1) / (n - 1)) for i in range(n)})
+    return [items[i] for i in picks]
+
+
+def plot_memorization_vs_exposure(results: Rows, out_png: str | os.PathLike[str], bins: int = 8, max_checkpoints: int = 5) -> Path:
     """Mean memorization score against the step each sequence was trained at, one panel per model.
 
-    One line per checkpoint (darker = later), each a binned mean over training steps; a dotted
+    One line per checkpoint (at most ``max_checkpoints``, evenly spread; darker = later), each a
+    mean over ``bins`` equal spans of training steps; a dotted
     vertical line marks where the checkpoint was saved: sequences to its right had not yet been
     seen, so their scores are the chance-level control.
     """
@@ -154,7 +165,7 @@ def plot_memorization_vs_exposure(results: Rows, out_png: str | os.PathLike[str]
     cmap = plt.get_cmap("plasma")
     for axis, model in zip(axes, models):
         mine = [r for r in rows if _label(r) == model]
-        checkpoints = sorted({r["step"] for r in mine if r["step"] is not None})
+        checkpoints = _spread(sorted({r["step"] for r in mine if r["step"] is not None}), max_checkpoints)
         for k, step in enumerate(checkpoints):
             seen = np.array([r["step_seen"] for r in mine if r["step"] == step])
             score = np.array([r["value"] for r in mine if r["step"] == step])
