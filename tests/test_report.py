@@ -103,7 +103,7 @@ def test_lens_reading_uses_logit_and_tuned_values(rows: list[dict]) -> None:
 
 def test_every_figure_is_a_png_and_each_has_a_reading(rows: list[dict], tmp_path: Path) -> None:
     figures = sweep_figures(results_table(rows), tmp_path)
-    assert [Path(f.png).stem for f in figures] == ["bits_per_byte", "bits_per_byte_by_domain", "icl_score", "memorization",
+    assert [Path(f.png).stem for f in figures] == ["overview", "bits_per_byte", "bits_per_byte_by_domain", "icl_score", "memorization",
                                                     "induction_heads", "lens_kl", "lens_cross_entropy"]
     for figure in figures:
         image = matplotlib.image.imread(figure.png)
@@ -111,10 +111,10 @@ def test_every_figure_is_a_png_and_each_has_a_reading(rows: list[dict], tmp_path
         assert figure.reading and figure.explain
     # Rows without a metric draw nothing rather than an empty figure.
     only_bpb = [r for r in rows if r["metric"] == "bits_per_byte"]
-    assert [Path(f.png).stem for f in sweep_figures(only_bpb, tmp_path / "b")] == ["bits_per_byte", "bits_per_byte_by_domain"]
+    assert [Path(f.png).stem for f in sweep_figures(only_bpb, tmp_path / "b")] == ["overview", "bits_per_byte", "bits_per_byte_by_domain"]
 
 
-@pytest.mark.parametrize("plot", [plots.plot_domain_heatmap, plots.plot_memorization_vs_exposure, plots.plot_induction_heads,
+@pytest.mark.parametrize("plot", [plots.plot_metrics_overview, plots.plot_domain_heatmap, plots.plot_memorization_vs_exposure, plots.plot_induction_heads,
                                   plots.plot_lens_curves])
 def test_plots_refuse_results_without_their_metric(plot, tmp_path: Path) -> None:
     with pytest.raises(LmscopeError, match="to plot"):

@@ -476,7 +476,7 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     assert {r["lens"] for r in table.to_pylist() if r["metric"] == "lens_kl"} == {"logit", "tuned"}
     page = (run / "report.html").read_text()
     images = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,", page)
-    assert len(images) == 7 and "Memorization of training sequences against when they were seen" in images
+    assert len(images) == 8 and "Memorization of training sequences against when they were seen" in images
     assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", page) and "http" not in page
     manifest = json.loads((run / "manifest.json").read_text())
     assert {"report.html", "results/eval.parquet", "figures/memorization.png"} <= {a["path"] for a in manifest["artifacts"]}

@@ -21,6 +21,11 @@ from lmscope.report.html import Figure
 def _spec() -> list[tuple[str, str, Callable[[Any, Path], Path], Callable[[Any], str | None], str]]:
     """(file stem, title, plot, reading, explanation) of every figure, in report order."""
     return [
+        ("overview", "Every metric against tokens seen",
+         lambda t, p: plots.plot_metrics_overview(t, p),
+         readings.overview,
+         "One panel per metric, one line per model size; x: tokens trained on (log scale). The figures below show "
+         "each metric in full, with its definition."),
         ("bits_per_byte", "Bits per byte on held-out text, across training",
          lambda t, p: plots.plot_metric_vs_tokens(t, "bits_per_byte", p, ylabel="bits per byte (all held-out domains)"),
          lambda t: readings.metric_vs_tokens(t, "bits_per_byte", "Held-out bits per byte went"),

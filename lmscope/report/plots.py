@@ -252,3 +252,50 @@ def plot_lens_curves(results: Rows, out_png: str | os.PathLike[str], metric: str
     axes[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.tight_layout()
     return _save(figure, out_png)
+
+
+# (panel title, metric, domain, extra-column filter, reduce over rows of one checkpoint)
+OVERVIEW_PANELS: tuple[tuple[str, str, str, dict[str, Any], str], ...] = (
+    ("bits per byte (held-out)", "bits_per_byte", "all", {}, "mean"),
+    ("ICL score (nats)", "icl_score", "all", {}, "mean"),
+    ("memorization (seen sequences)", "memorization_mean", "all", {}, "mean"),
+    ("best induction score", "induction_score", "repeated_random_tokens", {}, "max"),
+    ("logit-lens KL, first layer", "lens_kl", "all", {"lens": "logit", "layer": 0}, "mean"),
+    ("tuned-lens KL, first layer", "lens_kl", "all", {"lens": "tuned", "layer": 0}, "mean"),
+)
+
+
+def plot_metrics_overview(results: Rows, out_png: str | os.PathLike[str]) -> Path:
+    """Every metric the results hold against tokens seen (log axis), one small panel each, one line per model."""
+    plt = _pyplot()
+    rows = [r for r in _rows(results) if r["tokens_seen"] is not None]
+    panels = []
+    for title, metric, domain, where, reduce in OVERVIEW_PANELS:
+        mine = [r for r in rows if r["metric"] == metric and r["domain"] == domain and all(r.get(k) == v for k, v in where.items())]
+        if mine:
+            panels.append((title, mine, reduce))
+    if not panels:
+        raise LmscopeError("no metric results with tokens seen to plot; run a sweep over a suite first.")
+    columns = min(3, len(panels))
+    n_rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(n_rows, columns, figsize=(3.9 * columns + 0.4, 2.9 * n_rows), squeeze=False)
+    models = _models([r for _, mine, _ in panels for r in mine])
+    colours = {m: f"C{i}" for i, m in enumerate(models)}
+    for axis, (title, mine, reduce) in zip(axes.flat, panels):
+        points: dict[tuple[str, int], list[float]] = {}
+        for r in mine:
+            points.setdefault((_label(r), r["tokens_seen"]), []).append(r["value"])
+        for model in models:
+            line = sorted((t, max(v) if reduce == "max" else sum(v) / len(v)) for (m, t), v in points.items() if m == model)
+            if line:
+                axis.plot([p[0] for p in line], [p[1] for p in line], marker=".", color=colours[model], label=model)
+        _symlog_tokens(axis, (r["tokens_seen"] for r in mine))
+        axis.set_title(title, fontsize=9)
+        axis.tick_params(labelsize=7)
+        axis.xaxis.label.set_size(8)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    axes.flat[0].legend(title="model", fontsize=7, title_fontsize=7)
+    figure.tight_layout()
+    return _save(figure, out_png)

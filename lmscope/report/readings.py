@@ -146,3 +146,14 @@ def lens(results: Rows, metric: str = "lens_kl") -> str | None:
     elif len(layers) > 2:
         text += f"; after layer {layers[-2]} the logit lens is at {at.get(('logit', layers[-2]), float('nan')):.2f}"
     return text + "."
+
+
+def overview(results: Rows) -> str | None:
+    """How many checkpoints, sizes and metrics the sweep covers."""
+    rows = [r for r in _rows(results) if r["step"] is not None]
+    if not rows:
+        return None
+    steps = sorted({r["step"] for r in rows})
+    metrics = sorted({r["metric"] for r in rows})
+    return (f"{len(_models(rows))} models × {len(steps)} checkpoints (steps {steps[0]}–{steps[-1]}), "
+            f"{len(metrics)} measured quantities, {len(rows):,} numbers.")
