@@ -523,6 +523,31 @@ def test_eval_cli_bad_input(trained: dict, tmp_path: Path) -> None:
     assert exit_info.value.code == 2
 
 
+def test_eval_cli_memorization_and_tuned_lens(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lmscope eval --metrics memorization,tuned_lens --json` on one size: rows, exposure steps from replay, figures."""
+    from lmscope.evals.memorization import sample_trained_sequences
+    from lmscope.suites.replay import open_source
+
+    suite = trained["suite"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", f"{suite}/s16", "--select", f"0,{STEPS // 2}", "--metrics", "memorization,tuned_lens",
+              "--memorization-sequences", "24", "--out", str(tmp_path), "--device", "cpu", "--json"])
+    assert not exit_info.value.code
+    out = json.loads(capsys.readouterr().out)
+    rows = out["rows"]
+    per_sequence = [r for r in rows if r["metric"] == "memorization_score" and r["step"] == STEPS // 2]
+    expected = sample_trained_sequences(open_source(str(suite)), n_sequences=24, seed=0)
+    assert [(r["row"], r["step_seen"]) for r in per_sequence] == [(s.row, s.step) for s in expected]
+    assert all(r["seen"] == (r["step_seen"] < STEPS // 2) for r in per_sequence)
+    assert {r["lens"] for r in rows if r["metric"] == "lens_kl"} == {"tuned"}
+    assert {Path(p).stem for p in out["plots"]} >= {"overview", "memorization", "lens_kl"}
+    with pytest.raises(SystemExit) as exit_info:  # a single model has no data order to sample from
+        main(["eval", f"{suite}/s16@step{STEPS}", "--corpus", str(suite / "corpus"), "--metrics", "memorization",
+              "--out", str(tmp_path / "single")])
+    assert exit_info.value.code == 2
+    assert "needs the data order of a suite" in capsys.readouterr().err
+
+
 def test_eval_sweep_icl_and_induction_rows(trained: dict, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
