@@ -1,0 +1,1 @@
+"""Dictionary learning: sparse autoencoders and transcoders on any hook at any checkpoint."""
