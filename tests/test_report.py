@@ -140,3 +140,12 @@ def test_page_is_self_contained_and_escapes_text(tmp_path: Path) -> None:
     (payload,) = re.findall(r"src='data:image/png;base64,([^']+)'", page)
     assert base64.b64decode(payload) == Path(png).read_bytes()
     assert "1.235" in page
+
+
+def test_feature_cards_escape_and_mark_the_example_token() -> None:
+    from lmscope.report.html import Cards, Example, FeatureCard
+
+    card = FeatureCard("feature 7", "density 1.2%", [0, 3, 6], ["<def>"], [], [Example(["a", "<b>", "c"], 1, 2.5, "doc x · step 3")])
+    page = render_html("t", "s", [Section("features", [], [Cards("cards", [card])])])
+    assert "<mark>&lt;b&gt;</mark>" in page and "&lt;def&gt;" in page and "<def>" not in page
+    assert page.count("<span style='height:") == 3 and "height:36px" in page and "height:0px" in page

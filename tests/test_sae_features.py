@@ -129,3 +129,22 @@ def test_written_tables_and_bad_input(setup: dict, tmp_path: Path) -> None:
     other = SparseAutoencoder(SaeShape(d_in=D + 1, width=4, arch="relu", hook="resid"))
     with pytest.raises(LmscopeError, match="has width 8 in the store but the SAE reads 9"):
         feature_report(other, setup["store"])
+
+
+def test_feature_cards_show_alive_features_with_their_provenance(setup: dict) -> None:
+    from lmscope.report.feature_cards import feature_cards, pick_features
+    from lmscope.report.html import Cards, Section, render_html
+
+    report = feature_report(setup["sae"], setup["store"], top_n=3, replay=MiniSuiteSource(setup["suite"].root))
+    stats = report.stats.to_pylist()
+    alive = sorted((s for s in stats if s["fired"]), key=lambda s: (-s["density"], s["feature"]))
+    picked = pick_features(report.stats, 3)
+    assert picked[0] == alive[0]["feature"] and picked[-1] == alive[-1]["feature"] and len(set(picked)) == 3
+    cards = feature_cards(report.stats, report.examples, picked, max_examples=2)
+    assert [c.title for c in cards] == [f"feature {f}" for f in picked]
+    for card in cards:
+        assert 1 <= len(card.examples) <= 3 and card.examples[0].source.startswith("top: ")
+    sources = [e.source for c in cards for e in c.examples]
+    assert any("trained at" in s for s in sources)
+    page = render_html("t", "s", [Section("features", [], [Cards("SAE features", cards)])])
+    assert page.count("<div class='card'>") == 3 and page.count("<mark>") == sum(len(c.examples) for c in cards)

@@ -34,6 +34,17 @@ th { background: #f5f5f7; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 code { background: #f5f5f7; padding: 0.05em 0.3em; border-radius: 3px; }
 .missing { color: #a33; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 1em; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 0.6em 0.9em; font-size: 0.88em; }
+.card h4 { margin: 0 0 0.3em 0; font-size: 1.05em; }
+.card .facts { color: #555; margin: 0 0 0.4em 0; }
+.ctx { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre-wrap; word-break: break-all;
+       background: #fafafa; padding: 0.15em 0.3em; margin: 0.15em 0; border-left: 3px solid #ccc; }
+.ctx mark { background: #ffd54f; padding: 0 1px; }
+.ctx .src { color: #888; font-family: -apple-system, "Segoe UI", Roboto, sans-serif; font-size: 0.85em; }
+.bars { display: flex; align-items: flex-end; height: 36px; gap: 1px; margin: 0.3em 0; }
+.bars span { background: #5c6bc0; width: 8px; display: inline-block; }
+.tok { font-family: ui-monospace, Menlo, Consolas, monospace; background: #eef; padding: 0 3px; margin-right: 3px; border-radius: 3px; }
 """
 
 
@@ -57,10 +68,40 @@ class Table:
 
 
 @dataclass
+class Example:
+    """One context where a feature fired: its tokens (text pieces), which one is the example, and where it came from."""
+
+    pieces: Sequence[str]
+    index: int
+    activation: float
+    source: str
+
+
+@dataclass
+class FeatureCard:
+    """One SAE feature: a title, facts, a histogram (bar heights), top logit tokens and examples."""
+
+    title: str
+    facts: str
+    histogram: Sequence[int]
+    top_tokens: Sequence[str]
+    bottom_tokens: Sequence[str]
+    examples: Sequence[Example]
+
+
+@dataclass
+class Cards:
+    """A grid of feature cards under a title."""
+
+    title: str
+    cards: Sequence[FeatureCard]
+
+
+@dataclass
 class Section:
     heading: str
     paragraphs: list[str] = field(default_factory=list)
-    items: list[Figure | Table] = field(default_factory=list)
+    items: list[Figure | Table | Cards] = field(default_factory=list)
 
 
 def _cell(value: Any, digits: int) -> tuple[str, bool]:
@@ -94,6 +135,39 @@ def _figure(figure: Figure) -> str:
             f"<figcaption class='explain'>{html.escape(figure.explain)}</figcaption></figure>")
 
 
+def _example(example: Example) -> str:
+    pieces = [html.escape(p) for p in example.pieces]
+    if 0 <= example.index < len(pieces):
+        pieces[example.index] = f"<mark>{pieces[example.index]}</mark>"
+    return (f"<div class='ctx'>{''.join(pieces)} <span class='src'>{example.activation:.3g} · "
+            f"{html.escape(example.source)}</span></div>")
+
+
+def _card(card: FeatureCard) -> str:
+    top = max(card.histogram, default=0) or 1
+    bars = "".join(f"<span style='height:{max(1, round(36 * c / top)) if c else 0}px'></span>" for c in card.histogram)
+    tokens = ""
+    if card.top_tokens:
+        tokens += "<p>promotes " + "".join(f"<span class='tok'>{html.escape(t)}</span>" for t in card.top_tokens) + "</p>"
+    if card.bottom_tokens:
+        tokens += "<p>suppresses " + "".join(f"<span class='tok'>{html.escape(t)}</span>" for t in card.bottom_tokens) + "</p>"
+    examples = "".join(_example(e) for e in card.examples)
+    return (f"<div class='card'><h4>{html.escape(card.title)}</h4><p class='facts'>{html.escape(card.facts)}</p>"
+            f"<div class='bars' title='log10 activation histogram'>{bars}</div>{tokens}{examples}</div>")
+
+
+def _cards(cards: Cards) -> str:
+    return f"<h3>{html.escape(cards.title)}</h3><div class='cards'>{''.join(_card(c) for c in cards.cards)}</div>"
+
+
+def _item(item: Figure | Table | Cards) -> str:
+    if isinstance(item, Figure):
+        return _figure(item)
+    if isinstance(item, Cards):
+        return _cards(item)
+    return _table(item)
+
+
 def render_html(title: str, subtitle: str, sections: Sequence[Section]) -> str:
     """The whole page as one string."""
     parts = [
@@ -106,8 +180,7 @@ def render_html(title: str, subtitle: str, sections: Sequence[Section]) -> str:
     for section in sections:
         parts.append(f"<h2>{html.escape(section.heading)}</h2>")
         parts += [f"<p>{html.escape(p)}</p>" for p in section.paragraphs]
-        for item in section.items:
-            parts.append(_figure(item) if isinstance(item, Figure) else _table(item))
+        parts += [_item(item) for item in section.items]
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -209,6 +209,7 @@ def _examples(store: Any, hook: str, chosen: Tensor, top_values: Tensor, top_row
             "doc_index": doc_index, "doc_id": doc_ids.get(doc_index), "domain": domains.get(doc_index),
             "position": position, "token": int(meta["token"][row]), "context_tokens": tokens,
             "token_index": same.index(row), "context_text": _decode(tokenizer, tokens),
+            "context_pieces": None if tokenizer is None else [tokenizer.decode([t]) for t in tokens],
             "token_text": _decode(tokenizer, [int(meta["token"][row])]),
             "steps_seen": _steps_seen(replay, doc_ids.get(doc_index), position, exposures_cache),
         }
@@ -220,7 +221,7 @@ _EXAMPLE_SCHEMA = pa.schema([
     ("feature", pa.int64()), ("kind", pa.string()), ("rank", pa.int64()), ("activation", pa.float64()), ("row", pa.int64()),
     ("doc_index", pa.int64()), ("doc_id", pa.string()), ("domain", pa.string()), ("position", pa.int64()),
     ("token", pa.int64()), ("context_tokens", pa.list_(pa.int64())), ("token_index", pa.int64()),
-    ("context_text", pa.string()), ("token_text", pa.string()), ("steps_seen", pa.list_(pa.int64())),
+    ("context_text", pa.string()), ("context_pieces", pa.list_(pa.string())), ("token_text", pa.string()), ("steps_seen", pa.list_(pa.int64())),
 ])
 
 
