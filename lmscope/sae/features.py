@@ -68,14 +68,38 @@ def _batches(store: Any, hook: str, batch_size: int) -> Any:
 
 
 def _merge_top(values: Tensor, rows: Tensor, new_values: Tensor, new_rows: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Keep the ``n`` largest (value, lower row first) per feature of ``[W, m]`` candidates."""
-    all_values = torch.cat([values, new_values], dim=1)
-    all_rows = torch.cat([rows, new_rows], dim=1)
-    # Sort by row first (stable), then by value descending (stable): ties keep the lower row.
-    order = all_rows.argsort(dim=1, stable=True)
-    all_values, all_rows = all_values.gather(1, order), all_rows.gather(1, order)
-    order = all_values.argsort(dim=1, descending=True, stable=True)[:, :n]
-    return all_values.gather(1, order), all_rows.gather(1, order)
+    """Keep the ``n`` largest (value, lower row first) per feature of ``[W, m]`` candidates.
+
+    Only positive entries at least as large as the batch's ``n``-th largest (ties included) can enter,
+    so the exact tie-broken sort runs on a few candidates per feature.
+    """
+    width = values.shape[0]
+    kth = new_values.topk(min(n, new_values.shape[1]), dim=1).values[:, -1:]
+    feature, column = torch.nonzero((new_values >= kth) & (new_values > 0), as_tuple=True)
+    old_feature = torch.arange(width).repeat_interleave(values.shape[1])
+    feat = torch.cat([old_feature, feature]).numpy()
+    val = torch.cat([values.reshape(-1), new_values[feature, column]]).numpy()
+    row = torch.cat([rows.reshape(-1), new_rows[feature, column]]).numpy()
+    order = np.lexsort((row, -val.astype(np.float64), feat))  # by feature, then value descending, then row
+    feat, val, row = feat[order], val[order], row[order]
+    starts = np.searchsorted(feat, np.arange(width))
+    rank = np.arange(len(feat)) - starts[feat]
+    keep = rank < n
+    out_values = torch.full((width, n), float("-inf"))
+    out_rows = torch.full((width, n), -1, dtype=torch.long)
+    out_values[feat[keep], rank[keep]] = torch.from_numpy(val[keep]).float()
+    out_rows[feat[keep], rank[keep]] = torch.from_numpy(row[keep])
+    return out_values, out_rows
+
+
+def _histogram_add(histogram: np.ndarray, acts: Tensor) -> None:
+    """Add the ``log10`` of every non-zero activation of ``acts [rows, n_feat]`` to ``histogram [n_feat, bins]``."""
+    rows, feature = torch.nonzero(acts > 0, as_tuple=True)
+    bins = np.searchsorted(HISTOGRAM_EDGES, np.log10(acts[rows, feature].double().numpy()), side="right") - 1
+    last = len(HISTOGRAM_EDGES) - 1
+    bins[np.log10(acts[rows, feature].double().numpy()) == HISTOGRAM_EDGES[-1]] = last - 1  # numpy's closed last bin
+    inside = (bins >= 0) & (bins < last)
+    np.add.at(histogram, (feature.numpy()[inside], bins[inside]), 1)
 
 
 @torch.no_grad()
@@ -129,8 +153,8 @@ def feature_report(
 
     count = torch.zeros(n_feat, dtype=torch.float64)
     total = torch.zeros(n_feat, dtype=torch.float64)
-    top_values = torch.full((n_feat, 0), float("-inf"))
-    top_rows = torch.zeros((n_feat, 0), dtype=torch.long)
+    top_values = torch.full((n_feat, top_n), float("-inf"))
+    top_rows = torch.full((n_feat, top_n), -1, dtype=torch.long)
     histogram = np.zeros((n_feat, len(HISTOGRAM_EDGES) - 1), dtype=np.int64)
     n_batches = -(-store.n_rows // batch_size)
     progress("feature statistics", 0, 2 * n_batches)
@@ -141,9 +165,7 @@ def feature_report(
         total += acts.sum(0).double()
         rows = torch.arange(start, start + acts.shape[0]).expand(n_feat, -1)
         top_values, top_rows = _merge_top(top_values, top_rows, acts.T, rows, top_n)
-        logs = torch.log10(acts.clamp_min(1e-30)).numpy()
-        for j in range(n_feat):
-            histogram[j] += np.histogram(logs[active[:, j].numpy(), j], bins=HISTOGRAM_EDGES)[0]
+        _histogram_add(histogram, acts)
         progress("feature statistics", 1, 2 * n_batches)
     maximum = top_values[:, 0].clamp_min(0)
 
@@ -155,15 +177,18 @@ def feature_report(
         priority = torch.rand(acts.shape, generator=generator)
         interval = (acts / maximum.clamp_min(1e-30) * n_intervals).long().clamp_max(n_intervals - 1)
         if samples_per_interval:
-            keys = []
+            fired = acts > 0
+            keys, picked = [], []
+            take = min(samples_per_interval, acts.shape[0])
             for b in range(n_intervals):
-                keys.append(torch.where((acts > 0) & (interval == b), priority, torch.full_like(priority, float("inf"))).T)
-            keys_t = torch.stack(keys, dim=1)  # [n_feat, n_intervals, batch]
-            rows = torch.arange(start, start + acts.shape[0]).expand_as(keys_t)
-            merged_keys = torch.cat([sample_keys, keys_t], dim=2)
-            merged_rows = torch.cat([sample_rows, rows], dim=2)
-            order = merged_keys.argsort(dim=2, stable=True)[:, :, :samples_per_interval]
-            sample_keys, sample_rows = merged_keys.gather(2, order), merged_rows.gather(2, order)
+                candidate = torch.where(fired & (interval == b), priority, torch.inf)  # [batch, n_feat]
+                best = candidate.topk(take, dim=0, largest=False, sorted=True)  # the batch's own smallest keys first
+                merged_keys = torch.cat([sample_keys[:, b], best.values.T], dim=1)
+                merged_rows = torch.cat([sample_rows[:, b], best.indices.T + start], dim=1)
+                smallest = merged_keys.topk(min(samples_per_interval, merged_keys.shape[1]), dim=1, largest=False, sorted=True)
+                keys.append(smallest.values)
+                picked.append(merged_rows.gather(1, smallest.indices))
+            sample_keys, sample_rows = torch.stack(keys, dim=1), torch.stack(picked, dim=1)
         progress("feature statistics", 1, 2 * n_batches)
 
     examples = _examples(store, hook, chosen, top_values, top_rows, sample_keys, sample_rows, window, tokenizer, replay, encode)
@@ -180,14 +205,13 @@ def _examples(store: Any, hook: str, chosen: Tensor, top_values: Tensor, top_row
     meta = store.metadata
     doc_ids, domains = _document_lookup(store)
     wanted: list[tuple[int, str, int, int, float | None]] = []  # (feature position, kind, rank, row, activation)
+    top_v, top_r = top_values.numpy(), top_rows.numpy()
+    finite, sample_r = np.isfinite(sample_keys.numpy()), sample_rows.numpy()
     for j in range(chosen.numel()):
-        for rank in range(top_values.shape[1]):
-            if top_values[j, rank] > 0:
-                wanted.append((j, "top", rank, int(top_rows[j, rank]), float(top_values[j, rank])))
-        for interval in range(sample_keys.shape[1]):
-            for rank in range(sample_keys.shape[2]):
-                if torch.isfinite(sample_keys[j, interval, rank]):
-                    wanted.append((j, f"interval_{interval}", rank, int(sample_rows[j, interval, rank]), None))
+        for rank in np.flatnonzero(top_v[j] > 0).tolist():
+            wanted.append((j, "top", rank, int(top_r[j, rank]), float(top_v[j, rank])))
+        for interval, rank in zip(*np.nonzero(finite[j])):
+            wanted.append((j, f"interval_{int(interval)}", int(rank), int(sample_r[j, interval, rank]), None))
     # Activations of the sampled rows, recomputed exactly as in the passes.
     sampled_rows = sorted({w[3] for w in wanted if w[4] is None})
     sampled = {}
