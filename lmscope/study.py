@@ -39,7 +39,7 @@ import torch
 import lmscope
 from lmscope.errors import LmscopeError
 from lmscope.tomlio import toml_value
-from lmscope.fsio import atomic_write_json, atomic_write_text, sha256_file
+from lmscope.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from lmscope.progress import Progress, no_progress
 
 
@@ -98,6 +98,38 @@ class EvalConfig:
 
 
 @dataclass
+class SaeStudyConfig:
+    """The sparse autoencoder the study trains on one checkpoint of its suite (``lmscope sae train``'s settings)."""
+
+    enabled: bool = True
+    """Train, evaluate and describe an SAE (needs a suite)."""
+    size: str = "1.6m"
+    """Which model of the suite."""
+    step: int | None = None
+    """Its checkpoint step (``None``: the last)."""
+    hook: str = "blocks.1.hook_resid_post"
+    """Hook the SAE reads."""
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu"] = "topk"
+    """Activation function."""
+    width: int = 1024
+    """Latents."""
+    k: int | None = 16
+    """Active latents per token (topk, batchtopk); leave out for relu and jumprelu."""
+    tokens: int = 65536
+    """Activations captured from the suite corpus's train split (so examples have training steps)."""
+    epochs: int = 2
+    """Passes over them."""
+    batch_size: int = 1024
+    """Activations per step."""
+    cards: int = 12
+    """Feature cards shown in the report."""
+
+    def __post_init__(self) -> None:
+        if self.width <= 0 or self.tokens <= 0 or self.epochs <= 0 or self.batch_size <= 0 or self.cards < 0:
+            raise LmscopeError("[sae] width, tokens, epochs and batch_size must be positive and cards non-negative.")
+
+
+@dataclass
 class StudyConfig:
     """A study: one model, one corpus, and what to measure. The same object feeds the CLI, the TOML file and the API."""
 
@@ -118,12 +150,16 @@ class StudyConfig:
     a trained suite directory, or ``none`` to skip."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """The evaluation sweep over the suite's checkpoints (skipped when there is no suite)."""
+    sae: SaeStudyConfig = field(default_factory=SaeStudyConfig)
+    """The sparse autoencoder trained on one checkpoint of the suite (skipped when there is no suite)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.activations, dict):
             self.activations = _from_mapping(ActivationsConfig, self.activations, "[activations]")
         if isinstance(self.eval, dict):
             self.eval = _from_mapping(EvalConfig, self.eval, "[eval]")
+        if isinstance(self.sae, dict):
+            self.sae = _from_mapping(SaeStudyConfig, self.sae, "[sae]")
         if not self.name or any(ch in self.name for ch in "/\\") or self.name.startswith("."):
             raise LmscopeError(f"study name {self.name!r} must be a plain directory name (no slashes, not hidden).")
 
@@ -166,7 +202,9 @@ def config_to_toml(config: StudyConfig) -> str:
             lines.append(f"{f.name} = {toml_value(value)}")
     for name, table in tables:
         lines += ["", f"[study.{name}]"]
-        lines += [f"{f.name} = {toml_value(getattr(table, f.name))}" for f in dataclasses.fields(table)]
+        # TOML has no null: a field left at None is left out, and reads back as None.
+        lines += [f"{f.name} = {toml_value(getattr(table, f.name))}" for f in dataclasses.fields(table)
+                  if getattr(table, f.name) is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -304,6 +342,34 @@ def _run_evaluation(config: StudyConfig, suite_dir: Path, run_dir: Path, progres
             "steps": sorted(set(s for s in table.column("step").to_pylist() if s is not None))}
 
 
+def _run_sae(config: StudyConfig, suite_dir: Path, run_dir: Path, progress: Progress) -> dict[str, Any]:
+    """Train, evaluate and describe the study's SAE in ``run_dir/sae``; its numbers go to ``results/sae.parquet``."""
+    from lmscope.sae.job import run_sae_job
+    from lmscope.sae.train import SaeTrainConfig
+    from lmscope.suites.catalog import resolve_suite
+
+    sc = config.sae
+    suite, _ = resolve_suite(str(suite_dir))
+    models = {m.size: m for m in suite.models}
+    if sc.size not in models:
+        raise LmscopeError(f"[sae] size {sc.size!r} is not in suite {suite_dir}; it has {', '.join(models)}.")
+    checkpoints = {c.step: c for c in suite.checkpoints()}
+    step = max(checkpoints) if sc.step is None else sc.step
+    if step not in checkpoints:
+        raise LmscopeError(f"[sae] step {step} is not a checkpoint of the suite; it has steps {', '.join(map(str, sorted(checkpoints)))}.")
+    checkpoint = checkpoints[step]
+    seeds = json.loads((suite_dir / "suite.json").read_text()).get("models", {})
+    identity = {"suite": suite.name, "model": sc.size, "size": sc.size, "seed": seeds.get(sc.size, {}).get("seed"),
+                "revision": checkpoint.revision, "step": step, "tokens_seen": checkpoint.tokens_seen}
+    train = SaeTrainConfig(hook=sc.hook, arch=sc.arch, width=sc.width, k=sc.k, epochs=sc.epochs, batch_size=sc.batch_size)
+    spec = f"{models[sc.size].model_id}@{checkpoint.revision}"
+    summary = run_sae_job(spec, train, run_dir / "sae", corpus=suite_dir / "corpus", tokens=sc.tokens, ctx=128,
+                          replay_suite=suite_dir, identity=identity, device=config.device, progress=progress)
+    (run_dir / "results").mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "results" / "sae.parquet", (run_dir / "sae" / "results.parquet").read_bytes())
+    return {**summary, "model": spec, "identity": identity, "config": dataclasses.asdict(sc)}
+
+
 def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", progress: Progress = no_progress) -> dict[str, Any]:
     """Run a study into ``runs_dir/<config.name>`` and return its summary (also written to ``summary.json``)."""
     from lmscope.activations.job import capture_corpus_activations
@@ -376,6 +442,12 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         evaluation = _run_evaluation(config, Path(suite_summary["path"]), run_dir, progress)
         timings["eval_s"] = time.perf_counter() - clock
 
+    sae_summary = None
+    if suite_summary is not None and config.sae.enabled:
+        clock = time.perf_counter()
+        sae_summary = _run_sae(config, Path(suite_summary["path"]), run_dir, progress)
+        timings["sae_s"] = time.perf_counter() - clock
+
     corpus_stats = {"path": str(corpus_dir), "documents": len(corpus), "tokens": int(corpus.n_tokens), "domains": corpus.domains}
     summary = {
         "study": config.name,
@@ -388,6 +460,7 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         "activation_rows_by_domain": _rows_by_domain(run_dir / "activations"),
         "suite": suite_summary,
         "evaluation": evaluation,
+        "sae": sae_summary,
         "timings": timings,
     }
     _write_study_results(run_dir, config, summary)

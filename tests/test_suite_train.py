@@ -445,13 +445,15 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     import pyarrow.parquet as pq
 
     from lmscope.evals.sweep import METRICS
-    from lmscope.study import ActivationsConfig, EvalConfig, StudyConfig, run_study
+    from lmscope.study import ActivationsConfig, EvalConfig, SaeStudyConfig, StudyConfig, run_study
     from lmscope.suites.replay import open_source, replay_step
 
     suite = trained["suite"]
     config = StudyConfig(name="mini", model=f"{suite}/s32@step{STEPS}", corpus=str(suite / "corpus"), device="cpu",
                          suite=str(suite), activations=ActivationsConfig(hooks=["blocks.0.hook_resid_post"], tokens=256, ctx=32),
-                         eval=EvalConfig(select=f"0,{STEPS}", documents_per_domain=2, memorization_sequences=16))
+                         eval=EvalConfig(select=f"0,{STEPS}", documents_per_domain=2, memorization_sequences=16),
+                         sae=SaeStudyConfig(size="s32", hook="blocks.1.hook_resid_post", width=128, k=4, tokens=4096,
+                                            epochs=2, batch_size=256, cards=3))
     result = run_study(config, tmp_path)
     summary = result["suite"]
     check = trained["summary"]
@@ -476,6 +478,11 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     assert {r["lens"] for r in table.to_pylist() if r["metric"] == "lens_kl"} == {"logit", "tuned"}
     page = (run / "report.html").read_text()
     images = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,", page)
+    assert page.count("<div class='card'>") == 3 and "Sparse autoencoder features" in page
+    sae = result["sae"]
+    assert sae["identity"]["step"] == STEPS and sae["reconstruction"]["l0"] == 4.0 and sae["reconstruction"]["fvu"] < 1
+    sae_rows = {r["metric"]: r for r in pq.read_table(run / "results" / "sae.parquet").to_pylist()}
+    assert sae_rows["sae_fvu"]["value"] == sae["reconstruction"]["fvu"] and sae_rows["sae_fvu"]["model"] == "s32"
     assert len(images) == 8 and "Memorization of training sequences against when they were seen" in images
     assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", page) and "http" not in page
     manifest = json.loads((run / "manifest.json").read_text())

@@ -55,6 +55,13 @@ def study(
         stdout.print(f"evaluated {', '.join(evaluation['models'])} at steps {', '.join(map(str, evaluation['steps']))} on "
                      f"{', '.join(evaluation['metrics'])}: {evaluation['rows']:,} result rows in "
                      f"{runs_dir / summary['study'] / evaluation['results']}", highlight=False)
+    sae = summary.get("sae")
+    if sae:
+        rec, spl = sae["reconstruction"], sae["spliced"]
+        recovered = spl.get("ce_recovered_zero")
+        stdout.print(f"SAE on {sae['model']} {sae['config']['hook']}: FVU {rec['fvu']:.3f}, L0 {rec['l0']:.1f}, "
+                     f"{rec['dead_features']} dead; loss recovered "
+                     + (f"{recovered:.1%}" if recovered is not None else "n/a") + f"; saved at {sae['sae']}", highlight=False)
     timings = "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in summary["timings"].items())
     stdout.print(f"timings: {timings}\nrun directory: {runs_dir / summary['study']}", highlight=False)
     stdout.print(f"[bold]report: {summary['report']}[/]", highlight=False)

@@ -58,6 +58,46 @@ def _suite_section(suite: dict[str, Any], meta: dict[str, Any]) -> Section:
     return Section("The suite", paragraphs, [Table("Sizes, and bits per byte on held-out text after the last step", rows)])
 
 
+def _sae_section(run_dir: Path, sae: dict[str, Any]) -> Section:
+    """What the study's SAE is, how well it reconstructs, and cards of some of its features."""
+    from lmscope.report.feature_cards import feature_cards, pick_features
+    from lmscope.report.html import Cards
+
+    cfg, rec, spl = sae["config"], sae["reconstruction"], sae["spliced"]
+    paragraphs = [
+        f"A {cfg['arch']} sparse autoencoder with {cfg['width']:,} latents"
+        + (f" (k = {cfg['k']})" if cfg.get("k") else "")
+        + f" was trained on {cfg['tokens']:,} activations of {sae['model'].rsplit('/', 1)[-1]} at {cfg['hook']}, taken from the "
+        "suite's own training text, so every example below carries the training steps at which that exact token was seen. "
+        "It is saved in SAELens's format (sae/cfg.json, sae/sae_weights.safetensors) and loads there unchanged.",
+        f"It leaves {rec['fvu']:.1%} of the variance unexplained with {rec['l0']:.1f} active latents per token; "
+        f"{rec['dead_features']:,} latents never fired. Spliced into the model on held-out text it raises the loss from "
+        f"{spl['ce_clean']:.3f} to {spl['ce_spliced']:.3f} nats (zero-ablating the hook gives {spl['ce_zero']:.3f}): "
+        + (f"{spl['ce_recovered_zero']:.1%} of the loss recovered." if spl.get("ce_recovered_zero") is not None else "."),
+    ]
+    metrics = [{"quantity": k, "value": v} for k, v in
+               [("fraction of variance unexplained", rec["fvu"]), ("L0 (active latents per token)", rec["l0"]),
+                ("dead latents", rec["dead_features"]), ("dense latents (fire on > 10 % of tokens)", rec["dense_features"]),
+                ("CE clean (nats)", spl["ce_clean"]), ("CE with the SAE spliced in", spl["ce_spliced"]),
+                ("CE with the hook zero-ablated", spl["ce_zero"]), ("CE with the hook mean-ablated", spl["ce_mean"]),
+                ("loss recovered vs zero ablation", spl.get("ce_recovered_zero")),
+                ("loss recovered vs mean ablation", spl.get("ce_recovered_mean")), ("KL to the clean model (nats)", spl["kl"])]]
+    items: list[Any] = [Table("Reconstruction (training activations) and splicing (held-out text)", metrics)]
+    features_dir = Path(sae["features"])
+    if not features_dir.is_absolute():
+        features_dir = run_dir / features_dir
+    stats_path = features_dir / "feature_stats.parquet"
+    if stats_path.is_file() and cfg.get("cards"):
+        stats = pq.read_table(stats_path)
+        examples = pq.read_table(features_dir / "feature_examples.parquet")
+        chosen = pick_features(stats, cfg["cards"])
+        items.append(Cards(
+            f"{len(chosen)} features, from the most to the least frequent (bars: histogram of log10 activation; marked: the "
+            "token where the feature fires; then its domain, document, position and the training steps that held it)",
+            feature_cards(stats, examples, chosen)))
+    return Section("Sparse autoencoder features", paragraphs, items)
+
+
 def build_report(run_dir: str | os.PathLike[str], summary: dict[str, Any] | None = None,
                  command: str = "lmscope study") -> Path:
     """Write ``run_dir/report.html`` (and ``run_dir/figures/*.png``) from the run's summary and results; returns its path."""
@@ -96,6 +136,10 @@ def build_report(run_dir: str | os.PathLike[str], summary: dict[str, Any] | None
         sections.append(Section("Across training and scale", paragraphs, list(figures)))
     elif suite:
         sections.append(Section("Across training and scale", ["No evaluation results: the study's [eval] metrics list is empty."]))
+
+    sae = summary.get("sae")
+    if sae:
+        sections.append(_sae_section(run_dir, sae))
 
     activations = summary.get("activations") or []
     if activations:

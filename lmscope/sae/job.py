@@ -47,7 +47,8 @@ def run_sae_job(
     Args:
         corpus: tokenized corpus (needed for capture, the spliced evaluation and feature contexts).
         store: an existing activation store holding ``config.hook`` (skips the capture).
-        tokens, ctx: the capture's budget and context length (train split of ``corpus``).
+        tokens, ctx: the capture's budget and context length (train split of ``corpus``; ctx is capped
+            at the model's context), also the spliced evaluation's context length.
         replay_suite: a mini suite whose corpus ``corpus`` is, for the training steps of feature examples.
         identity: result-schema columns (suite, model, size, seed, revision, step, tokens_seen).
     """
@@ -70,6 +71,8 @@ def run_sae_job(
     hooks = [config.hook] + ([config.out_hook] if config.out_hook else [])
     for hook in hooks:
         hooked.hook_point(hook)
+    limit = int(getattr(hooked.model.config, "max_position_embeddings", 0) or 0)
+    ctx = min(ctx, limit) if limit else ctx
     if store is None:
         store = out / "activations"
         capture_corpus_activations(hooked, tokenized, hooks, tokens, ctx, store, split="train",
@@ -91,9 +94,7 @@ def run_sae_job(
         progress("evaluate sae", 0, 2)
         reconstruction = evaluate.reconstruction_metrics(sae, activations)
         progress("evaluate sae", 1, 2)
-        limit = int(getattr(hooked.model.config, "max_position_embeddings", 0) or 0)
-        spliced = evaluate.spliced_metrics(hooked, sae, tokenized, ctx=min(ctx, limit) if limit else ctx,
-                                           n_contexts=eval_contexts)
+        spliced = evaluate.spliced_metrics(hooked, sae, tokenized, ctx=ctx, n_contexts=eval_contexts)
         progress("evaluate sae", 1, 2)
         write_results(evaluate.result_rows([reconstruction, spliced], **(identity or {"model": model_spec})),
                       out / "results.parquet")
