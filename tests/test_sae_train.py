@@ -312,6 +312,8 @@ def test_every_architecture_lowers_the_fvu(arch: str, extra: dict, store: Activa
         assert ACTIVE / 1.5 <= l0 <= ACTIVE * 1.5  # the inference threshold gives about k
     else:
         assert l0 < 0.5 * 96  # sparse, not every latent on
+    if arch == "jumprelu":
+        assert float(sae.threshold.detach().mean()) > 0.1  # the thresholds learned through the STE rose from their start
 
 
 def test_relu_resampling_revives_forced_dead_latents() -> None:

@@ -70,8 +70,9 @@ def aux_latents(pre: Tensor, dead: Tensor, k_aux: int) -> Tensor | None:
     dead_index = dead.nonzero().flatten()
     if dead_index.numel() == 0 or k_aux < 1:
         return None
-    k = min(int(k_aux), int(dead_index.numel()))
-    _, local = pre.index_select(1, dead_index).topk(k, dim=-1, sorted=False)
+    if dead_index.numel() <= k_aux:  # every dead latent is chosen; no search needed
+        return dead_index.expand(pre.shape[0], -1)
+    _, local = pre.index_select(1, dead_index).topk(int(k_aux), dim=-1, sorted=False)
     return dead_index[local].sort(dim=-1).values
 
 

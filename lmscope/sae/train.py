@@ -24,10 +24,12 @@ norms); a transcoder's target gets its own ``t`` with :math:`\mathbb{E}\lVert t 
 ``b_dec`` starts at the mean scaled target of that sample. :func:`train_sae` returns the SAE with
 the scales folded in (:func:`lmscope.sae.model.fold_scales`): it reads raw activations.
 
-**Top-k speed.** For ``topk``/``batchtopk`` only the active latents are decoded
-(``embedding_bag`` over the ``k`` decoder rows per token) and back-propagated (sparse CSR
-products for the encoder's gradient), so apart from the encoder's forward matmul a step costs
-:math:`O(N k d)` instead of :math:`O(N W d)`. ``sparse_decode=False`` runs the same maths densely.
+**Top-k speed.** For ``topk``/``batchtopk`` only the encoder's forward product is dense. The
+active latents form a sparse pattern (:class:`Active`); the decoder reads only their rows
+(``embedding_bag``) and every gradient is a sparse product over that pattern (:class:`GatherPreActs`,
+:class:`SparseDecode`), so the rest of a step costs :math:`O(N k d)` instead of :math:`O(N W d)`
+(4-5× faster per step at width 16·d_in, k = 32 on CPU). ``sparse_decode=False`` runs the same
+maths densely (equal to float rounding; for checking). Adam uses the fused kernel where available.
 
 **Dead latents.** A latent is dead once it has not fired over the last ``dead_tokens`` training
 tokens (counted per latent: tokens since it last fired).
@@ -42,8 +44,10 @@ written atomically (weights, normalisation, Adam state, step, dead counters, thr
 the log so far). The data position is a pure function of the step (``drop_last`` epochs of
 ``n_rows // batch_size`` batches, epoch ``e`` shuffled by ``(seed, e)``), so a run killed at any
 point and restarted with the same config and store ends bitwise identical to an uninterrupted one
-(on CPU; CUDA kernels such as ``index_add_`` are not deterministic). ``out_dir/train_log.parquet``
-(one row per ``log_every`` steps) is rewritten with every checkpoint.
+(on CPU, with the same number of threads; CUDA kernels such as ``index_add_`` are not
+deterministic). Resuming mid-epoch re-reads that epoch's skipped batches. A second trainer on the
+same ``out_dir`` waits for the first (a lock file) and then resumes or finds the run finished.
+``out_dir/train_log.parquet`` (one row per ``log_every`` steps) is rewritten with every checkpoint.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Literal, NamedTuple
+from collections.abc import Iterator
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -62,7 +67,7 @@ from torch import Tensor
 
 from lmscope.activations.reader import ActivationStore
 from lmscope.errors import LmscopeError
-from lmscope.fsio import atomic_write_with
+from lmscope.fsio import atomic_write_with, directory_lock
 from lmscope.progress import Progress, no_progress
 from lmscope.sae import losses
 from lmscope.sae.model import ARCHS, Arch, SaeShape, SparseAutoencoder, fold_scales
@@ -139,68 +144,65 @@ class SaeTrainConfig:
     """``topk``/``batchtopk``: decode and back-propagate through the active latents only (same maths as dense, much faster)."""
 
     def __post_init__(self) -> None:
-        def bad(message: str) -> LmscopeError:
-            return LmscopeError(message)
-
         if self.arch not in ARCHS:
-            raise bad(f"SAE architecture {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}.")
+            raise LmscopeError(f"SAE architecture {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}.")
         if not self.hook:
-            raise bad("no hook given to train on; set hook to one of the activation store's hooks.")
+            raise LmscopeError("no hook given to train on; set hook to one of the activation store's hooks.")
         if self.out_hook == self.hook:
-            raise bad(f"out_hook equals hook ({self.hook!r}); leave out_hook unset to train an ordinary SAE.")
+            raise LmscopeError(f"out_hook equals hook ({self.hook!r}); leave out_hook unset to train an ordinary SAE.")
         if self.width is not None and self.width < 1:
-            raise bad(f"width={self.width} must be at least 1 (or unset, to use expansion_factor).")
+            raise LmscopeError(f"width={self.width} must be at least 1 (or unset, to use expansion_factor).")
         if self.expansion_factor < 1:
-            raise bad(f"expansion_factor={self.expansion_factor} must be at least 1.")
+            raise LmscopeError(f"expansion_factor={self.expansion_factor} must be at least 1.")
         topk_like = self.arch in ("topk", "batchtopk")
         if topk_like:
             k = DEFAULT_K if self.k is None else self.k
             if k < 1:
-                raise bad(f"k={self.k} must be at least 1.")
+                raise LmscopeError(f"k={self.k} must be at least 1.")
             if self.width is not None and k > self.width:
-                raise bad(f"k={k} exceeds the width {self.width}; choose k ≤ width or a wider SAE.")
+                raise LmscopeError(f"k={k} exceeds the width {self.width}; choose k ≤ width or a wider SAE.")
         else:
             if self.k is not None:
-                raise bad(f"k is set ({self.k}) but a {self.arch} SAE has no k; leave it out or use arch topk.")
+                raise LmscopeError(f"k is set ({self.k}) but a {self.arch} SAE has no k; leave it out or use arch topk.")
             if self.aux_k is not None:
-                raise bad(f"aux_k is set ({self.aux_k}) but only topk/batchtopk SAEs have an AuxK loss; leave it out.")
+                raise LmscopeError(f"aux_k is set ({self.aux_k}) but only topk/batchtopk SAEs have an AuxK loss; leave it out.")
         if self.resample_every is not None and self.arch != "relu":
-            raise bad(f"resample_every is set but only relu SAEs resample dead latents (a {self.arch} SAE has "
+            raise LmscopeError(f"resample_every is set but only relu SAEs resample dead latents (a {self.arch} SAE has "
                       f"{'AuxK' if topk_like else 'a learned threshold'}); leave it out.")
         for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise bad(f"{name}={value} must be a finite non-negative number.")
+                raise LmscopeError(f"{name}={value} must be a finite non-negative number.")
         for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise bad(f"{name}={value} must be positive.")
+                raise LmscopeError(f"{name}={value} must be positive.")
         for name in ("sparsity_warmup", "decay_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise bad(f"{name}={value} must be a fraction between 0 and 1.")
+                raise LmscopeError(f"{name}={value} must be a fraction between 0 and 1.")
         if self.aux_k is not None and self.aux_k < 0:
-            raise bad(f"aux_k={self.aux_k} must be 0 (no AuxK) or more.")
+            raise LmscopeError(f"aux_k={self.aux_k} must be 0 (no AuxK) or more.")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise bad(f"lr={self.lr} must be positive (or unset for the width-scaled default).")
+            raise LmscopeError(f"lr={self.lr} must be positive (or unset for the width-scaled default).")
         if self.decay not in DECAYS:
-            raise bad(f"decay {self.decay!r} is unknown; choose one of {', '.join(DECAYS)}.")
+            raise LmscopeError(f"decay {self.decay!r} is unknown; choose one of {', '.join(DECAYS)}.")
         if self.batch_size < 1:
-            raise bad(f"batch_size={self.batch_size} must be at least 1.")
+            raise LmscopeError(f"batch_size={self.batch_size} must be at least 1.")
         if self.total_tokens is not None and self.total_tokens < self.batch_size:
-            raise bad(f"total_tokens={self.total_tokens} is less than one batch of {self.batch_size}; "
+            raise LmscopeError(f"total_tokens={self.total_tokens} is less than one batch of {self.batch_size}; "
                       "raise total_tokens or lower batch_size.")
         if self.epochs < 1:
-            raise bad(f"epochs={self.epochs} must be at least 1.")
+            raise LmscopeError(f"epochs={self.epochs} must be at least 1.")
         if self.seed < 0:
-            raise bad(f"seed={self.seed} must be a non-negative integer.")
+            raise LmscopeError(f"seed={self.seed} must be a non-negative integer.")
         for name in ("dead_tokens", "warmup_steps", "resample_every"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "warmup_steps" else 1):
-                raise bad(f"{name}={value} must be at least {0 if name == 'warmup_steps' else 1} (or unset).")
+                raise LmscopeError(f"{name}={value} must be at least {0 if name == 'warmup_steps' else 1} (or unset).")
         for name in ("checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
-                raise bad(f"{name}={getattr(self, name)} must be at least 1.")
+                raise LmscopeError(f"{name}={getattr(self, name)} must be at least 1.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -291,23 +293,24 @@ def train_sae(
     plan = plan_training(config, store, out_store)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(out_dir)
-    run = _Run(config, plan, store, out_store, device)
-    checkpoint = out_dir / CHECKPOINT_FILE
-    if checkpoint.exists():
-        run.load(checkpoint)
-        if run.step:
-            progress(TASK, run.step * plan.batch_size, plan.tokens)
-    else:
-        run.initialise()
-    if run.step < plan.steps:
-        for x, y in _batches(config, plan, store, out_store, run.step, device):
-            metrics = run.train_step(x, y)
-            progress(TASK, plan.batch_size, plan.tokens, l0=metrics["l0"], fvu=metrics["fvu"], dead=metrics["dead_fraction"])
-            if run.step % config.checkpoint_every == 0 and run.step < plan.steps:
-                run.save(out_dir)
-            if run.step >= plan.steps:
-                break
-    run.save(out_dir)
+    with directory_lock(out_dir):  # a second trainer on the same out_dir waits, then resumes (or finds it done)
+        run = _Run(config, plan, store, out_store, device)
+        checkpoint = out_dir / CHECKPOINT_FILE
+        if checkpoint.exists():
+            run.load(checkpoint)
+            if run.step:
+                progress(TASK, run.step * plan.batch_size, plan.tokens)
+        else:
+            run.initialise()
+        if run.step < plan.steps:
+            for x, y in _batches(config, plan, store, out_store, run.step, device):
+                metrics = run.train_step(x, y)
+                progress(TASK, plan.batch_size, plan.tokens, l0=metrics["l0"], fvu=metrics["fvu"], dead=metrics["dead_fraction"])
+                if run.step % config.checkpoint_every == 0 and run.step < plan.steps:
+                    run.save(out_dir)
+                if run.step >= plan.steps:
+                    break
+        run.save(out_dir)
     return fold_scales(run.sae)
 
 
@@ -345,10 +348,10 @@ def _batches(config: SaeTrainConfig, plan: TrainPlan, store: ActivationStore, ou
             ys = _target_store(config, store, out_store).stream(config.out_hook, plan.batch_size, config.seed, epoch=epoch,
                                                                  drop_last=True, with_metadata=True)
         for index, item in enumerate(xs):
-            x, y = (item[0], None) if transcoder else (item, None)
+            x, y = item, None
             if ys is not None:
-                y, y_meta = next(ys)
-                if not np.array_equal(item[1]["row"], y_meta["row"]):
+                (x, x_meta), (y, y_meta) = item, next(ys)
+                if not np.array_equal(x_meta["row"], y_meta["row"]):
                     raise LmscopeError(f"the rows streamed for {config.out_hook!r} differ from those of {config.hook!r}; "
                                        "capture both hooks into one store.")
             if index < skip:
@@ -583,8 +586,8 @@ def step_losses(sae: SparseAutoencoder, x: Tensor, y: Tensor, *, dead: Tensor, a
         fired = torch.zeros(sae.shape.width, dtype=torch.bool, device=x.device)
         fired[active.cols[positive]] = True
         kept = acts.detach()[positive]
-        return StepResult(mse + aux_coefficient * aux, mse, aux, y_hat, fired, int(positive.sum()) / x.shape[0],
-                          float(kept.min()) if kept.numel() else None)
+        min_kept = float(kept.min()) if arch == "batchtopk" and kept.numel() else None
+        return StepResult(mse + aux_coefficient * aux, mse, aux, y_hat, fired, int(positive.sum()) / x.shape[0], min_kept)
 
     pre = sae.pre_acts(x)
     aux = zero
@@ -762,8 +765,11 @@ class _Run:
             self.since_fired[dead_now] = 0
             self.resampled += count
         dead_fraction = float((self.since_fired >= plan.dead_tokens).float().mean())
-        metrics = {"loss": float(out.loss.detach()), "mse": float(out.mse.detach()), "aux_loss": float(out.aux.detach()), "fvu": fvu, "l0": out.l0,
-                   "dead_fraction": dead_fraction, "lr": lr}
+        metrics = {"loss": float(out.loss.detach()), "mse": float(out.mse.detach()), "aux_loss": float(out.aux.detach()),
+                   "fvu": fvu, "l0": out.l0, "dead_fraction": dead_fraction, "lr": lr}
+        if not math.isfinite(metrics["loss"]):
+            raise LmscopeError(f"SAE training diverged at step {self.step} (loss {metrics['loss']}); "
+                               f"lower lr (it was {lr:.3g}) and train into a new out_dir.")
         if self.step % config.log_every == 0 or self.step == plan.steps:
             self.log.append({"step": self.step, "tokens": self.step * plan.batch_size, **metrics, "resampled": self.resampled})
         return metrics
@@ -780,7 +786,10 @@ class _Run:
     def save(self, out_dir: Path) -> None:
         state = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": self.config.to_dict(),
-            "source": self.fingerprint, "step": self.step, "sae": self.sae.state_dict(),
+            "source": self.fingerprint, "step": self.step,
+            # the data position (a function of the step, recorded for readers): epoch, and batches of it consumed
+            "epoch": self.step // self.plan.steps_per_epoch, "batches_in_epoch": self.step % self.plan.steps_per_epoch,
+            "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(), "since_fired": self.since_fired,
             "threshold_mean": self.threshold_mean, "threshold_count": self.threshold_count,
             "resampled": self.resampled, "log": self.log,
