@@ -16,6 +16,7 @@ affine translator trained per layer, is :mod:`lmscope.evals.tuned_lens`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,9 +55,14 @@ def lens_contexts(corpus: Any, *, split: str, ctx: int, n_contexts: int) -> list
 
 @torch.no_grad()
 def logit_lens(
-    hooked: Any, corpus: Any, *, ctx: int = 64, n_contexts: int = 16, batch_size: int = 4, split: str = "heldout"
+    hooked: Any, corpus: Any, *, ctx: int = 64, n_contexts: int = 16, batch_size: int = 4, split: str = "heldout",
+    translate: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> list[LensLayer]:
-    """Logit-lens cross-entropy and KL per layer of a :class:`~lmscope.models.hooks.HookedModel`."""
+    """Logit-lens cross-entropy and KL per layer of a :class:`~lmscope.models.hooks.HookedModel`.
+
+    ``translate(hidden, layer)`` maps each layer's residual stream before it is read (the tuned
+    lens's translators); ``None`` reads it as it is.
+    """
     if ctx < 2 or n_contexts < 1 or batch_size < 1:
         raise LmscopeError(f"ctx={ctx}, n_contexts={n_contexts}, batch_size={batch_size}: need ctx >= 2 and positive counts.")
     contexts = lens_contexts(corpus, split=split, ctx=ctx, n_contexts=n_contexts)
@@ -73,7 +79,8 @@ def logit_lens(
         final = torch.log_softmax(logits[:, :-1].double(), dim=-1)
         targets = ids[:, 1:]
         for i, name in enumerate(names):
-            lens = torch.log_softmax(unembed(final_norm(cache[name]))[:, :-1].double(), dim=-1)
+            hidden = cache[name] if translate is None else translate(cache[name], i)
+            lens = torch.log_softmax(unembed(final_norm(hidden))[:, :-1].double(), dim=-1)
             ce[i] -= lens.gather(-1, targets.unsqueeze(-1)).sum().item()
             kl[i] += (final.exp() * (final - lens)).sum().item()
         count += targets.numel()

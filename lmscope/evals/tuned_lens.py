@@ -361,26 +361,8 @@ def evaluate_lens(
     if lens is not None:
         lens.check(hooked)
         lens = lens.to(hooked.device)
-    contexts = lens_contexts(corpus, split=split, ctx=ctx, n_contexts=n_contexts)
-    model = hooked.model
-    final_norm = model.get_submodule(hooked.arch.final_norm)
-    unembed = model.get_output_embeddings()
-    names = _resid_names(hooked.n_layers)
-    ce = np.zeros(hooked.n_layers)
-    kl = np.zeros(hooked.n_layers)
-    count = 0
-    for start in range(0, len(contexts), batch_size):
-        ids = torch.from_numpy(np.stack(contexts[start : start + batch_size])).to(hooked.device)
-        logits, cache = hooked.run_with_cache(ids, names)
-        final = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-        targets = ids[:, 1:]
-        for i, name in enumerate(names):
-            hidden = cache[name] if lens is None else lens.translate(cache[name], i)
-            read = torch.log_softmax(unembed(final_norm(hidden))[:, :-1].double(), dim=-1)
-            ce[i] -= read.gather(-1, targets.unsqueeze(-1)).sum().item()
-            kl[i] += (final.exp() * (final - read)).sum().item()
-        count += targets.numel()
-    return [LensLayer(i, ce[i] / count, kl[i] / count, count) for i in range(hooked.n_layers)]
+    return logit.logit_lens(hooked, corpus, ctx=ctx, n_contexts=n_contexts, batch_size=batch_size, split=split,
+                            translate=None if lens is None else lens.translate)
 
 
 def result_rows(layers: list[LensLayer], **identity: Any) -> list[dict[str, Any]]:
