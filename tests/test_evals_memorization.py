@@ -28,12 +28,8 @@ BATCH, STEPS, ROW = 4, 8, 64  # the suite below: 8 steps of 4 rows of 64 tokens 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine two threads wait on each other (10-20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread: None) -> None:
+    """This module runs with one torch thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,8 @@ VOCAB, D_MODEL, CTX, N_CONTEXTS = 400, 32, 16, 5
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread: None) -> None:
+    """This module runs with one torch thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")

@@ -68,12 +68,8 @@ def _contexts():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread is faster and makes timings steadier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread: None) -> None:
+    """This module runs with one torch thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")
