@@ -39,6 +39,7 @@ from lmscope.sae.train import (
     sparse_to_dense,
     step_losses,
     topk_pattern,
+    trained_parameters,
     train_sae,
 )
 
@@ -389,6 +390,38 @@ def test_same_seed_same_weights_other_seed_different(store: ActivationStore, tmp
     c = train_sae(_config(total_tokens=512 * 30, seed=1), store, tmp_path / "c")
     _assert_same_weights(a, b)
     assert not torch.equal(a.W_dec, c.W_dec)
+
+
+def test_init_starts_every_latent_where_the_previous_run_left_it(store: ActivationStore, tmp_path: Path) -> None:
+    """With a vanishing learning rate, a run initialised from another ends where that one ended."""
+    first = train_sae(_config(), store, tmp_path / "first")
+    params = trained_parameters(tmp_path / "first")
+    assert set(params) == {"W_enc", "b_enc", "W_dec", "b_dec", "log_threshold"}
+    frozen = _config(total_tokens=512 * 3, lr=1e-12, seed=7)
+    warm = train_sae(frozen, store, tmp_path / "warm", init=params)
+    cold = train_sae(frozen, store, tmp_path / "cold")
+    for name in ("W_enc", "W_dec", "b_dec"):  # the store is the same, so the scales are too: folded weights agree
+        assert torch.allclose(getattr(warm, name), getattr(first, name), atol=1e-5), name
+    assert not torch.allclose(cold.W_dec, first.W_dec, atol=1e-2)
+    assert _fvu(warm, store) == pytest.approx(_fvu(first, store), rel=1e-4)
+    assert _fvu(cold, store) > 2 * _fvu(first, store)
+    # resuming the warm run needs the same init; another one is refused
+    other = {name: value.clone() for name, value in params.items()}
+    other["W_dec"] = other["W_dec"].flip(0)
+    with pytest.raises(LmscopeError, match="different initial SAE"):
+        train_sae(frozen, store, tmp_path / "warm", init=other)
+    train_sae(frozen, store, tmp_path / "warm", init=params)  # the same init: finds the run finished
+
+
+def test_bad_init_is_refused_with_a_clear_sentence(store: ActivationStore, tmp_path: Path) -> None:
+    train_sae(_config(total_tokens=512 * 2), store, tmp_path / "first")
+    params = trained_parameters(tmp_path / "first")
+    with pytest.raises(LmscopeError, match="same width"):
+        train_sae(_config(total_tokens=512 * 2, width=64), store, tmp_path / "narrow", init=params)
+    with pytest.raises(LmscopeError, match="same architecture"):
+        train_sae(_config(total_tokens=512 * 2), store, tmp_path / "partial", init={"W_enc": params["W_enc"]})
+    with pytest.raises(LmscopeError, match="does not exist"):
+        trained_parameters(tmp_path / "nowhere")
 
 
 class _Killed(Exception):

@@ -274,6 +274,7 @@ def train_sae(
     progress: Progress = no_progress,
     out_store: ActivationStore | None = None,
     device: str | torch.device | None = None,
+    init: dict[str, Tensor] | None = None,
 ) -> SparseAutoencoder:
     """Train an SAE (or transcoder) on ``store`` as ``config`` says; resume from ``out_dir`` if a run stopped there.
 
@@ -285,6 +286,11 @@ def train_sae(
         progress: called ``progress("train sae", tokens_in_step, total_tokens, l0=, fvu=, dead=)`` every step.
         out_store: transcoder only: a store with the same rows (same capture) holding ``config.out_hook``.
         device: where to train (``None``: CUDA if available, else CPU). Bitwise reproducibility holds on CPU.
+        init: start from these parameters instead of the seeded initialisation: another run's
+            normalised parameters (:func:`trained_parameters`), of the same shape. Only the
+            normalisation scales are measured afresh on ``store``; ``W_enc``, ``b_enc``, ``W_dec``,
+            ``b_dec`` (and the threshold) are copied, so each latent starts as the latent it was.
+            A checkpoint in ``out_dir`` resumes only with the same ``init``.
 
     Returns:
         The trained SAE with its normalisation folded in: it reads and writes raw activations
@@ -294,7 +300,7 @@ def train_sae(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(out_dir)
     with directory_lock(out_dir):  # a second trainer on the same out_dir waits, then resumes (or finds it done)
-        run = _Run(config, plan, store, out_store, device)
+        run = _Run(config, plan, store, out_store, device, init)
         checkpoint = out_dir / CHECKPOINT_FILE
         if checkpoint.exists():
             run.load(checkpoint)
@@ -312,6 +318,28 @@ def train_sae(
                     break
         run.save(out_dir)
     return fold_scales(run.sae)
+
+
+def trained_parameters(out_dir: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The normalised parameters (no scales) of the run checkpointed in ``out_dir``, for ``train_sae(init=...)``."""
+    path = Path(out_dir) / CHECKPOINT_FILE
+    state = _read_checkpoint(path)
+    return {name: value for name, value in state["sae"].items() if name not in _SCALES}
+
+
+_SCALES = ("input_scale", "output_scale")
+
+
+def _digest(parameters: dict[str, Tensor] | None) -> str | None:
+    if parameters is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(parameters):
+        h.update(name.encode())
+        h.update(parameters[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -693,8 +721,9 @@ class _Run:
     """The state of one training run: SAE, optimiser, counters; one step at a time; checkpoints."""
 
     def __init__(self, config: SaeTrainConfig, plan: TrainPlan, store: ActivationStore, out_store: ActivationStore | None,
-                 device: torch.device) -> None:
+                 device: torch.device, init: dict[str, Tensor] | None = None) -> None:
         self.config, self.plan, self.store, self.out_store, self.device = config, plan, store, out_store, device
+        self.init = init
         self.sae = SparseAutoencoder(plan.shape(config), seed=config.seed, device=device)
         self.optimizer = _adam(list(self.sae.parameters()), plan.lr)
         self.step = 0
@@ -707,7 +736,11 @@ class _Run:
     @property
     def fingerprint(self) -> dict[str, Any]:
         stores = [self.store] + ([self.out_store] if self.out_store is not None else [])
-        return {"stores": [{"config_sha256": s.manifest.get("config_sha256"), "n_rows": s.n_rows} for s in stores]}
+        source: dict[str, Any] = {"stores": [{"config_sha256": s.manifest.get("config_sha256"), "n_rows": s.n_rows}
+                                             for s in stores]}
+        if self.init is not None:
+            source["init_sha256"] = _digest(self.init)
+        return source
 
     @torch.no_grad()
     def initialise(self) -> None:
@@ -725,6 +758,22 @@ class _Run:
         self.sae.b_dec.copy_(target.mean(0).to(self.sae.b_dec))
         if self.config.arch == "jumprelu":
             self.sae.log_threshold.fill_(math.log(self.config.jumprelu_init_threshold))
+        if self.init is not None:
+            self._copy_init(self.init)
+
+    @torch.no_grad()
+    def _copy_init(self, init: dict[str, Tensor]) -> None:
+        own = {name: value for name, value in self.sae.state_dict().items() if name not in _SCALES}
+        if set(init) != set(own):
+            raise LmscopeError(f"the initial SAE has parameters {', '.join(sorted(init))}, this run needs "
+                               f"{', '.join(sorted(own))}; initialise from an SAE of the same architecture.")
+        for name, value in init.items():
+            if tuple(value.shape) != tuple(own[name].shape):
+                raise LmscopeError(f"the initial SAE's {name} has shape {tuple(value.shape)}, this run needs "
+                                   f"{tuple(own[name].shape)}; initialise from an SAE of the same width and hook size.")
+            own[name].copy_(value.to(own[name]))
+        if self.config.arch == "batchtopk":  # the threshold is re-estimated from this run's batches
+            self.sae.log_threshold.fill_(float("-inf"))
 
     def train_step(self, x_raw: Tensor, y_raw: Tensor | None) -> dict[str, float]:
         config, plan, sae = self.config, self.plan, self.sae
@@ -808,15 +857,7 @@ class _Run:
         pq.write_table(pa.Table.from_pylist(self.log, schema=schema), path)
 
     def load(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for damaged files
-            raise LmscopeError(f"checkpoint {path} is unreadable ({err}); delete it to start over.") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise LmscopeError(f"{path} is not an lmscope SAE training checkpoint; choose another out_dir.")
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise LmscopeError(f"checkpoint {path} has version {state.get('version')!r}, this lmscope writes "
-                               f"{CHECKPOINT_VERSION}; choose another out_dir or delete it to start over.")
+        state = _read_checkpoint(path)
         saved = state["config"]
         current = self.config.to_dict()
         if saved != current:
@@ -825,8 +866,8 @@ class _Run:
             raise LmscopeError(f"{path.parent} holds a checkpoint of a different SAE training run ({changed}); "
                                "choose another out_dir, or delete it to start over.")
         if state["source"] != self.fingerprint:
-            raise LmscopeError(f"{path.parent} holds a checkpoint trained on a different activation store; "
-                               "choose another out_dir, or pass the store it was trained on.")
+            raise LmscopeError(f"{path.parent} holds a checkpoint trained on a different activation store or from a "
+                               "different initial SAE; choose another out_dir, or pass the store and init it was trained with.")
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
@@ -835,3 +876,18 @@ class _Run:
         self.threshold_count = int(state["threshold_count"])
         self.resampled = int(state["resampled"])
         self.log = list(state["log"])
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LmscopeError(f"{path} does not exist; train an SAE into {path.parent} first.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged files
+        raise LmscopeError(f"checkpoint {path} is unreadable ({err}); delete it to start over.") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise LmscopeError(f"{path} is not an lmscope SAE training checkpoint; choose another out_dir.")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise LmscopeError(f"checkpoint {path} has version {state.get('version')!r}, this lmscope writes "
+                           f"{CHECKPOINT_VERSION}; choose another out_dir or delete it to start over.")
+    return state
