@@ -40,6 +40,7 @@ def run_sae_job(
     eval_contexts: int = 16,
     device: str = "auto",
     dtype: str = "float32",
+    init: dict[str, Any] | None = None,
     progress: Progress = no_progress,
 ) -> dict[str, Any]:
     """Train ``config`` (a :class:`lmscope.sae.train.SaeTrainConfig`) on ``model_spec``'s activations and evaluate it.
@@ -51,6 +52,7 @@ def run_sae_job(
             at the model's context), also the spliced evaluation's context length.
         replay_suite: a mini suite whose corpus ``corpus`` is, for the training steps of feature examples.
         identity: result-schema columns (suite, model, size, seed, revision, step, tokens_seen).
+        init: normalised parameters to start training from (:func:`lmscope.sae.train.trained_parameters`).
     """
     from lmscope.activations.job import capture_corpus_activations
     from lmscope.activations.reader import ActivationStore
@@ -81,7 +83,7 @@ def run_sae_job(
 
     sae_dir = out / "sae"
     if not (sae_dir / "cfg.json").is_file():
-        sae = train_sae(config, activations, out / "train", progress=progress, device=hooked.device)
+        sae = train_sae(config, activations, out / "train", progress=progress, device=hooked.device, init=init)
         save_sae(sae, sae_dir, metadata={"model": model_spec, "identity": identity or {}, "config": dataclasses.asdict(config),
                                          "store": str(store)})
     sae, _ = load_sae(sae_dir)
