@@ -98,6 +98,33 @@ def _sae_section(run_dir: Path, sae: dict[str, Any]) -> Section:
     return Section("Sparse autoencoder features", paragraphs, items)
 
 
+def _track_section(run_dir: Path, track: dict[str, Any]) -> Section:
+    """Features followed across checkpoints: counts, lineage densities and lineage cards."""
+    from lmscope.report.feature_cards import lineage_cards
+    from lmscope.report.figures import track_figures
+    from lmscope.report.html import Cards
+    from lmscope.sae.track import pick_lineages, read_track
+
+    track_dir = run_dir / track["out"]
+    timeline, _, record = read_track(track_dir)
+    steps = ", ".join(map(str, record["steps"]))
+    paragraphs = [
+        f"The same SAE was trained at checkpoints {steps} of {track['size']} ({track['hook']}), on the same "
+        f"{record['tokens']:,} tokens of training text each time, each SAE starting from the previous checkpoint's (latents "
+        "that were dead start afresh). Latents of consecutive checkpoints are matched one to one by decoder cosine "
+        f"(≥ {record['threshold']}); a chain of matches is a lineage. {record['lineages']:,} lineages in all, in "
+        f"{track['out']}/timeline.parquet; the counts per checkpoint are rows of results/sae_track.parquet.",
+    ]
+    items: list[Any] = list(track_figures(track_dir, run_dir / "figures"))
+    if track.get("cards"):
+        chosen = pick_lineages(timeline, track["cards"])
+        items.append(Cards(
+            f"{len(chosen)} of the longest-lived lineages: the latent each one is at every checkpoint, how often it fires "
+            "there, and its top contexts (marked: the token; then the domain, document, position and training steps)",
+            lineage_cards(track_dir, timeline, chosen)))
+    return Section("Features across training", paragraphs, items)
+
+
 def build_report(run_dir: str | os.PathLike[str], summary: dict[str, Any] | None = None,
                  command: str = "lmscope study") -> Path:
     """Write ``run_dir/report.html`` (and ``run_dir/figures/*.png``) from the run's summary and results; returns its path."""
@@ -140,6 +167,9 @@ def build_report(run_dir: str | os.PathLike[str], summary: dict[str, Any] | None
     sae = summary.get("sae")
     if sae:
         sections.append(_sae_section(run_dir, sae))
+    track = summary.get("sae_track")
+    if track:
+        sections.append(_track_section(run_dir, track))
 
     activations = summary.get("activations") or []
     if activations:

@@ -56,3 +56,24 @@ def feature_cards(stats: pa.Table, examples: pa.Table, features: list[int], *, m
                               ("top: " if e["kind"] == "top" else "low activation: ") + _source(e)) for e in chosen],
         ))
     return cards
+
+
+def lineage_cards(track_dir: Any, timeline: pa.Table, lineages: list[int], *, per_checkpoint: int = 2) -> list[FeatureCard]:
+    """One card per lineage: its latent, density and top examples at every checkpoint where it is alive."""
+    from lmscope.sae.track import lineage_examples
+
+    cards = []
+    for lineage in lineages:
+        history = lineage_examples(track_dir, timeline, lineage, top=per_checkpoint)
+        if not history:
+            continue
+        spans = ", ".join(f"{h['step']} (latent {h['feature']}, {h['density']:.2%})" for h in history)
+        examples = [Example(e["context_pieces"] or [str(t) for t in e["context_tokens"]], e["token_index"], e["activation"],
+                            f"step {h['step']} · latent {h['feature']} · " + _source(e))
+                    for h in history for e in h["examples"]]
+        cards.append(FeatureCard(
+            title=f"lineage {lineage}",
+            facts=(f"alive at steps {spans}; decoder cosine to its first direction at the end "
+                   f"{history[-1]['cosine_birth']:.2f}"),
+            histogram=[], top_tokens=[], bottom_tokens=[], examples=examples))
+    return cards

@@ -86,3 +86,26 @@ def sweep_figures(results: pa.Table | list[dict[str, Any]], out_dir: str | os.Pa
             continue
         figures.append(Figure(title, png, reading(rows), explain))
     return figures
+
+
+def track_figures(track_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], n_lineages: int = 6) -> list[Figure]:
+    """The figures of a feature track (:mod:`lmscope.sae.track`): latent counts, and density of chosen lineages."""
+    from lmscope.sae.track import pick_lineages, read_track
+
+    timeline, summary, _ = read_track(track_dir)
+    out_dir = Path(out_dir)
+    lineages = pick_lineages(timeline, n_lineages)
+    figures = [Figure(
+        "SAE latents across training", plots.plot_feature_track(summary, out_dir / "sae_track.png"),
+        readings.feature_track(summary),
+        "One SAE per checkpoint, each trained starting from the previous checkpoint's SAE on the same text. A latent is "
+        "alive when it fires at least once on that checkpoint's activations; alive latents of consecutive checkpoints "
+        "are paired one to one by the cosine of their decoder directions (matched when ≥ the threshold). Unmatched "
+        "alive latents start new lineages (born); a lineage dies when it has no latent at the next checkpoint.")]
+    if lineages:
+        figures.append(Figure(
+            "How often chosen features fire, across training",
+            plots.plot_lineage_density(timeline, lineages, out_dir / "sae_lineages.png"), None,
+            "Firing density (log scale) of the longest-lived lineages, each followed through its matched latents. The "
+            "cards below show what the first of them fires on at each checkpoint."))
+    return figures

@@ -152,8 +152,9 @@ def _card(card: FeatureCard) -> str:
     if card.bottom_tokens:
         tokens += "<p>suppresses " + "".join(f"<span class='tok'>{html.escape(t)}</span>" for t in card.bottom_tokens) + "</p>"
     examples = "".join(_example(e) for e in card.examples)
+    histogram = f"<div class='bars' title='log10 activation histogram'>{bars}</div>" if card.histogram else ""
     return (f"<div class='card'><h4>{html.escape(card.title)}</h4><p class='facts'>{html.escape(card.facts)}</p>"
-            f"<div class='bars' title='log10 activation histogram'>{bars}</div>{tokens}{examples}</div>")
+            f"{histogram}{tokens}{examples}</div>")
 
 
 def _cards(cards: Cards) -> str:

@@ -66,8 +66,12 @@ def _models(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _symlog_tokens(axis: Any, tokens: Iterable[int]) -> None:
+    """Symmetric-log x axis (step 0 shows at 0), without the negative side the autoscale margin would add."""
     positive = [t for t in tokens if t and t > 0]
-    axis.set_xscale("symlog", linthresh=min(positive) if positive else 1)
+    linthresh = min(positive) if positive else 1
+    axis.set_xscale("symlog", linthresh=linthresh)
+    if axis.get_xlim()[0] < 0:
+        axis.set_xlim(left=-0.25 * linthresh)
     axis.set_xlabel("tokens seen")
 
 
@@ -297,5 +301,49 @@ def plot_metrics_overview(results: Rows, out_png: str | os.PathLike[str]) -> Pat
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
     axes.flat[0].legend(title="model", fontsize=7, title_fontsize=7)
+    figure.tight_layout()
+    return _save(figure, out_png)
+
+
+def plot_feature_track(summary: Rows, out_png: str | os.PathLike[str]) -> Path:
+    """SAE latents across training (rows of :func:`lmscope.sae.track.track_summary`): alive, matched, born, died."""
+    plt = _pyplot()
+    rows = sorted(_rows(summary), key=lambda r: r["step"])
+    if len(rows) < 2:
+        raise LmscopeError("a feature track needs at least two checkpoints to plot; track over more checkpoints.")
+    tokens = [r["tokens_seen"] if r["tokens_seen"] is not None else r["step"] for r in rows]
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    styles = {"alive": ("black", "o", "alive (fired on this checkpoint's text)"),
+              "matched": ("#2e7d32", "s", "matched to a latent of the previous checkpoint"),
+              "born": ("#1565c0", "^", "born (alive, no match)"), "died": ("#c62828", "v", "died (lineage ended)")}
+    for key, (colour, marker, label) in styles.items():
+        axis.plot(tokens, [r[key] for r in rows], color=colour, marker=marker, markersize=4, label=label)
+    axis.axhline(rows[0]["width"], color="grey", linestyle=":", linewidth=1, label=f"width ({rows[0]['width']:,})")
+    _symlog_tokens(axis, tokens)
+    axis.set_ylabel("latents")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return _save(figure, out_png)
+
+
+def plot_lineage_density(timeline: Rows, lineages: list[int], out_png: str | os.PathLike[str]) -> Path:
+    """Firing density of chosen lineages (rows of :func:`lmscope.sae.track.lineage_timeline`) against tokens seen."""
+    plt = _pyplot()
+    rows = [r for r in _rows(timeline) if r["lineage"] in set(lineages)]
+    if not rows:
+        raise LmscopeError(f"lineages {lineages} are not in the timeline; pick lineage ids it holds.")
+    tokens = [r["tokens_seen"] if r["tokens_seen"] is not None else r["step"] for r in rows]
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for lineage in lineages:
+        points = sorted((r["tokens_seen"] if r["tokens_seen"] is not None else r["step"], r["density"])
+                        for r in rows if r["lineage"] == lineage)
+        if points:
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=f"lineage {lineage}")
+    _symlog_tokens(axis, tokens)
+    axis.set_yscale("log")
+    axis.set_ylabel("fraction of tokens the latent fires on")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, ncol=2)
     figure.tight_layout()
     return _save(figure, out_png)

@@ -157,3 +157,17 @@ def overview(results: Rows) -> str | None:
     metrics = sorted({r["metric"] for r in rows})
     return (f"{len(_models(rows))} models × {len(steps)} checkpoints (steps {steps[0]}–{steps[-1]}), "
             f"{len(metrics)} measured quantities, {len(rows):,} numbers.")
+
+
+def feature_track(summary: Rows) -> str | None:
+    """How many latents were alive at the first and last checkpoint, and how many of the last continue a lineage."""
+    rows = sorted(_rows(summary), key=lambda r: r["step"])
+    if len(rows) < 2:
+        return None
+    first, last = rows[0], rows[-1]
+    born = sum(r["born"] for r in rows[1:])
+    died = sum(r["died"] for r in rows[1:])
+    cosine = f" (median decoder cosine {last['cosine_median']:.2f})" if last["cosine_median"] is not None else ""
+    return (f"Of {last['width']:,} latents, {first['alive']:,} fire at step {first['step']} and {last['alive']:,} at step "
+            f"{last['step']}; at the last checkpoint {last['matched']:,} continue a latent of the previous one{cosine} and "
+            f"{last['born']:,} are new. Over the whole run {born:,} lineages were born and {died:,} died.")
