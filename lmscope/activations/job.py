@@ -102,7 +102,7 @@ def capture_corpus_activations(
 
     store_meta = {
         **dict(meta or {}),
-        "corpus": _corpus_identity(corpus),
+        "corpus": corpus_identity(corpus),
         "split": split,
         "domain": domain,
         "n_tokens": int(n_tokens),
@@ -128,7 +128,7 @@ def capture_corpus_activations(
     )
 
 
-def _corpus_identity(corpus: Any) -> dict[str, Any]:
+def corpus_identity(corpus: Any) -> dict[str, Any]:
     """Where the corpus lives and the sha256 of its manifest, so ``doc_index`` resolves to a document."""
     for attribute in ("path", "root", "directory"):
         location = getattr(corpus, attribute, None)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from lmscope.cli import app
 from lmscope.cli.options import SPEC_HELP, DeviceOption, DtypeOption, JsonOption
 from lmscope.cli.render import print_json, print_table, progress_bars, stdout
+from lmscope.progress import Progress
 
 sae_app = typer.Typer(help="Sparse autoencoders and transcoders: train, evaluate, describe features.", no_args_is_help=True)
 app.add_typer(sae_app, name="sae")
@@ -18,36 +19,137 @@ app.add_typer(sae_app, name="sae")
 @sae_app.command("train")
 def train(
     model: Annotated[str, typer.Option("--model", help=SPEC_HELP)],
-    hook: Annotated[str, typer.Option("--hook", help="Hook the SAE reads (see `lmscope models hooks SPEC`).")],
+    hook: Annotated[list[str], typer.Option("--hook", help="Hook the SAE reads (see `lmscope models hooks SPEC`); repeat it to "
+                                            "train one SAE per hook, into OUT/<hook>/.")],
     corpus: Annotated[Path, typer.Option("--corpus", help="Tokenized corpus for this model (train split: training; held-out: evaluation).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (rerun to resume).")],
     arch: Annotated[str, typer.Option(help="relu, topk, batchtopk or jumprelu.")] = "topk",
     width: Annotated[int | None, typer.Option(help="Latents (default expansion factor × d_in).")] = None,
     expansion_factor: Annotated[int, typer.Option("--expansion-factor", help="Latents per input dimension when --width is not given.")] = 16,
     k: Annotated[int | None, typer.Option(help="topk/batchtopk: active latents per token (default 32).")] = None,
-    out_hook: Annotated[str | None, typer.Option("--out-hook", help="Transcoder: the hook to predict from --hook.")] = None,
-    store: Annotated[Path | None, typer.Option("--store", help="Existing activation store holding --hook (skips the capture).")] = None,
-    tokens: Annotated[int, typer.Option(help="Activations to capture from the train split.")] = 262144,
-    ctx: Annotated[int, typer.Option(help="Context length of the capture and the spliced evaluation.")] = 128,
+    out_hook: Annotated[str | None, typer.Option("--out-hook", help="Transcoder: the hook to predict from --hook (one --hook only).")] = None,
+    store: Annotated[Path | None, typer.Option("--store", help="Existing activation store holding every --hook (skips the capture).")] = None,
+    tokens: Annotated[int, typer.Option(help="Activations to capture from the train split (--stream: tokens per pass over it).")] = 262144,
+    ctx: Annotated[int, typer.Option(help="Context length of the capture (or stream) and the spliced evaluation.")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Activations per training step.")] = 4096,
-    epochs: Annotated[int, typer.Option(help="Passes over the activations.")] = 1,
+    epochs: Annotated[int, typer.Option(help="Passes over the activations (--stream: trains on tokens × epochs).")] = 1,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 2e-4 / sqrt(width / 2^14)).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights, the data order and resampling.")] = 0,
     suite: Annotated[Path | None, typer.Option("--suite", help="Mini suite whose corpus --corpus is: feature examples get their training steps.")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Train from the model directly, without an activation store: one "
+                                         "forward pass feeds every --hook, rows mixed in a shuffling buffer (no feature report).")] = False,
+    buffer_rows: Annotated[int | None, typer.Option("--buffer-rows", help="--stream: rows of the mixing buffer, at least 2 batches "
+                                                    "(default 16 × --batch-size); larger mixes better, costs memory.")] = None,
+    context_batch: Annotated[int | None, typer.Option("--context-batch", help="--stream: contexts per forward pass (default 8).")] = None,
     dtype: DtypeOption = "float32",
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
-    """Capture activations, train an SAE (resumable), save it in SAELens's format, evaluate it, describe its features."""
+    """Capture activations (or stream them with --stream), train SAEs (resumable), save them in SAELens's format, evaluate them."""
+    from lmscope.errors import LmscopeError
     from lmscope.sae.job import run_sae_job
     from lmscope.sae.train import SaeTrainConfig
 
-    config = SaeTrainConfig(hook=hook, out_hook=out_hook, arch=arch, width=width, expansion_factor=expansion_factor, k=k,
-                            batch_size=batch_size, epochs=epochs, lr=lr, seed=seed)
+    hooks = list(hook)
+    repeated = sorted({h for h in hooks if hooks.count(h) > 1})
+    if repeated:
+        raise LmscopeError(f"--hook {repeated[0]} is given twice; give each hook once.")
+    if out_hook is not None and len(hooks) > 1:
+        raise LmscopeError(f"--out-hook pairs with one --hook, but {len(hooks)} were given; train the transcoder on its own.")
+    if stream and (store is not None or suite is not None):
+        raise LmscopeError(f"--stream trains without an activation store, so {'--store' if store is not None else '--suite'} "
+                           "(which needs one) cannot go with it; drop one of them.")
+    if not stream and (buffer_rows is not None or context_batch is not None):
+        raise LmscopeError(f"{'--buffer-rows' if buffer_rows is not None else '--context-batch'} sets up the model stream; "
+                           "add --stream or drop it.")
+    configs = [SaeTrainConfig(hook=h, out_hook=out_hook, arch=arch, width=width, expansion_factor=expansion_factor, k=k,
+                              batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,
+                              total_tokens=tokens * epochs if stream else None) for h in hooks]
+    dirs = [out] if len(hooks) == 1 else [out / h for h in hooks]
     with progress_bars(enabled=not as_json) as progress:
-        summary = run_sae_job(model, config, out, corpus=corpus, store=store, tokens=tokens, ctx=ctx, replay_suite=suite,
-                              device=device, dtype=dtype, progress=progress)
-    _print_summary(summary, as_json)
+        if stream:
+            summaries = _train_streamed(model, configs, dirs, corpus, tokens=tokens, ctx=ctx, buffer_rows=buffer_rows,
+                                        context_batch=context_batch or 8, dtype=dtype, device=device, progress=progress)
+        else:
+            if len(hooks) > 1 and store is None:
+                store = _capture_hooks(model, hooks, corpus, out / "activations", tokens=tokens, ctx=ctx, dtype=dtype,
+                                       device=device, progress=progress)
+            summaries = [run_sae_job(model, config, directory, corpus=corpus, store=store, tokens=tokens, ctx=ctx,
+                                     replay_suite=suite, device=device, dtype=dtype, progress=progress)
+                         for config, directory in zip(configs, dirs)]
+    if len(summaries) == 1:
+        _print_summary(summaries[0], as_json)
+    elif as_json:
+        print_json({"out": str(out), "saes": dict(zip(hooks, summaries))})
+    else:
+        for name, summary in zip(hooks, summaries):
+            stdout.print(f"[bold]{name}[/]", highlight=False)
+            _print_summary(summary, as_json)
+
+
+def _capture_hooks(model: str, hooks: list[str], corpus: Path, store: Path, *, tokens: int, ctx: int, dtype: str, device: str,
+                   progress: Progress) -> Path:
+    """Capture every hook into one store in one pass, as :func:`lmscope.sae.job.run_sae_job` captures one."""
+    from lmscope.activations.job import capture_corpus_activations
+    from lmscope.data.tokenized import TokenizedCorpus
+    from lmscope.models.hooks import HookedModel
+
+    tokenized = TokenizedCorpus.open(corpus)
+    hooked = HookedModel.from_spec(model, dtype=dtype, device=device)
+    for name in hooks:
+        hooked.hook_point(name)
+    capture_corpus_activations(hooked, tokenized, hooks, tokens, _capped_ctx(hooked, ctx), store, split="train",
+                               meta={"model": model}, progress=progress)
+    return store
+
+
+def _train_streamed(model: str, configs: list, dirs: list[Path], corpus: Path, *, tokens: int, ctx: int, buffer_rows: int | None,
+                    context_batch: int, dtype: str, device: str, progress: Progress) -> list[dict[str, Any]]:
+    """Train ``configs`` from one model stream into ``dirs`` (``train/``, ``sae/``, ``eval.json``, ``results.parquet``)."""
+    import dataclasses
+    import json
+
+    import pyarrow.parquet as pq
+
+    from lmscope.data.tokenized import TokenizedCorpus
+    from lmscope.fsio import atomic_write_json
+    from lmscope.models.hooks import HookedModel
+    from lmscope.results.schema import write_results
+    from lmscope.sae import evaluate
+    from lmscope.sae.io import load_sae, save_sae
+    from lmscope.sae.stream import StreamConfig
+    from lmscope.sae.train import TRAIN_LOG_FILE, train_saes_from_model
+
+    tokenized = TokenizedCorpus.open(corpus)
+    hooked = HookedModel.from_spec(model, dtype=dtype, device=device)
+    ctx = _capped_ctx(hooked, ctx)
+    settings = StreamConfig(ctx=ctx, buffer_rows=buffer_rows, n_tokens=tokens, split="train", context_batch=context_batch)
+    saes = train_saes_from_model(configs, hooked, tokenized, [d / "train" for d in dirs], stream=settings, progress=progress,
+                                 device=hooked.device)
+    summaries = []
+    for config, sae, out in zip(configs, saes, dirs):
+        sae_dir, eval_path = out / "sae", out / "eval.json"
+        log = pq.read_table(out / "train" / TRAIN_LOG_FILE).to_pylist()[-1]
+        if not (sae_dir / "cfg.json").is_file():
+            save_sae(sae, sae_dir, metadata={"model": model, "identity": {}, "config": dataclasses.asdict(config),
+                                             "stream": settings.to_dict()})
+        if eval_path.is_file():
+            evaluation = json.loads(eval_path.read_text())
+        else:
+            sae, _ = load_sae(sae_dir)
+            spliced = evaluate.spliced_metrics(hooked, sae.to(hooked.device), tokenized, ctx=ctx, n_contexts=16)
+            write_results(evaluate.result_rows([spliced], model=model), out / "results.parquet")
+            evaluation = {"spliced": spliced.to_dict()}
+            atomic_write_json(eval_path, evaluation)
+        summaries.append({"out": str(out), "sae": str(sae_dir), "store": None, "features": None,
+                          "training": {key: log[key] for key in ("step", "tokens", "fvu", "l0", "dead_fraction")}, **evaluation})
+    return summaries
+
+
+def _capped_ctx(hooked: Any, ctx: int) -> int:
+    """``ctx``, at most the model's positions (as :func:`lmscope.sae.job.run_sae_job` caps it)."""
+    limit = int(getattr(hooked.model.config, "max_position_embeddings", 0) or 0)
+    return min(ctx, limit) if limit else ctx
 
 
 @sae_app.command("eval")
@@ -122,9 +224,12 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
         print_json(summary)
         return
+    if summary.get("training"):
+        print_table([{"quantity": k, "value": v} for k, v in summary["training"].items()], title="training (last logged step)")
     for key in ("reconstruction", "spliced"):
         if key in summary:
             rows = [{"quantity": k, "value": v} for k, v in summary[key].items() if not isinstance(v, (list, dict)) and v is not None]
             print_table(rows, title=key)
     if "sae" in summary:
-        stdout.print(f"SAE (SAELens format): {summary['sae']}\nfeatures: {summary['features']}", highlight=False)
+        features = f"\nfeatures: {summary['features']}" if summary.get("features") else ""
+        stdout.print(f"SAE (SAELens format): {summary['sae']}{features}", highlight=False)

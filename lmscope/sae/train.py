@@ -1,4 +1,4 @@
-r"""Train a sparse autoencoder (or transcoder) on an activation store: deterministic, resumable, fast for top-k.
+r"""Train a sparse autoencoder (or transcoder) on an activation store or a model stream: deterministic, resumable, fast for top-k.
 
 One step on a batch of ``N`` rows (``x``: ``hook``; target ``y``: ``x`` itself, or the same rows of
 ``out_hook`` for a transcoder), both multiplied by their normalisation scales::
@@ -48,6 +48,13 @@ point and restarted with the same config and store ends bitwise identical to an 
 deterministic). Resuming mid-epoch re-reads that epoch's skipped batches. A second trainer on the
 same ``out_dir`` waits for the first (a lock file) and then resumes or finds the run finished.
 ``out_dir/train_log.parquet`` (one row per ``log_every`` steps) is rewritten with every checkpoint.
+
+**From a model stream.** :func:`train_saes_from_model` trains several configs at once on batches of
+an :class:`~lmscope.sae.stream.ActivationStream` (one forward pass per batch of contexts captures
+every hook; a mixing buffer shuffles the rows). Everything above holds, with two differences: the
+normalisation sample is the stream's first batches, and resuming regenerates the stream up to the
+checkpointed step (forward passes only) instead of re-reading a store. The checkpoint format is
+the same; its data fingerprint is the stream's identity instead of the stores' hashes.
 """
 
 from __future__ import annotations
@@ -55,9 +62,11 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
+from itertools import chain, islice
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -71,6 +80,7 @@ from lmscope.fsio import atomic_write_with, directory_lock
 from lmscope.progress import Progress, no_progress
 from lmscope.sae import losses
 from lmscope.sae.model import ARCHS, Arch, SaeShape, SparseAutoencoder, fold_scales
+from lmscope.sae.stream import ActivationStream, StreamConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
 TRAIN_LOG_FILE = "train_log.parquet"
@@ -82,6 +92,7 @@ DEFAULT_K = 32
 DEFAULT_DEAD_TOKENS = 10_000_000
 DECAYS = ("linear", "cosine", "constant")
 TASK = "train sae"
+REPLAY_TASK = "replay activation stream"
 
 Decay = Literal["linear", "cosine", "constant"]
 
@@ -244,6 +255,35 @@ def plan_training(config: SaeTrainConfig, store: ActivationStore, out_store: Act
     d_in = store.d(config.hook)
     target_store = _target_store(config, store, out_store)
     d_out = target_store.d(config.out_hook) if config.out_hook is not None else d_in
+    width, k = _width_and_k(config, d_in)
+    n_rows = store.n_rows
+    if n_rows < config.batch_size:
+        raise LmscopeError(f"activation store {store.root} has {n_rows} rows, fewer than one batch of {config.batch_size}; "
+                           "lower batch_size or capture more tokens.")
+    steps_per_epoch = n_rows // config.batch_size
+    steps = config.total_tokens // config.batch_size if config.total_tokens is not None else config.epochs * steps_per_epoch
+    return _resolve_plan(config, d_in, d_out, width, k, steps, steps_per_epoch)
+
+
+def plan_streamed_training(config: SaeTrainConfig, widths: dict[str, int]) -> TrainPlan:
+    """Resolve ``config``'s defaults for a model stream whose hooks have ``widths`` values per row.
+
+    A stream has no epochs: ``total_tokens`` must be set; ``steps_per_epoch`` is the whole run.
+    """
+    for hook in (config.hook, config.out_hook):
+        if hook is not None and hook not in widths:
+            raise LmscopeError(f"hook {hook!r} is not streamed; the stream holds {', '.join(widths)}.")
+    if config.total_tokens is None:
+        raise LmscopeError(f"the config for {_label(config)} has no total_tokens; a model stream has no epochs, "
+                           "so set total_tokens (the training tokens).")
+    d_in = widths[config.hook]
+    d_out = widths[config.out_hook] if config.out_hook is not None else d_in
+    width, k = _width_and_k(config, d_in)
+    steps = config.total_tokens // config.batch_size
+    return _resolve_plan(config, d_in, d_out, width, k, steps, steps)
+
+
+def _width_and_k(config: SaeTrainConfig, d_in: int) -> tuple[int, int | None]:
     width = config.width if config.width is not None else config.expansion_factor * d_in
     k = None
     if config.arch in ("topk", "batchtopk"):
@@ -251,12 +291,11 @@ def plan_training(config: SaeTrainConfig, store: ActivationStore, out_store: Act
         if k > width:
             raise LmscopeError(f"k={k} exceeds the SAE width {width} (expansion factor {config.expansion_factor} × d_in {d_in}); "
                                "lower k or raise the width.")
-    n_rows = store.n_rows
-    if n_rows < config.batch_size:
-        raise LmscopeError(f"activation store {store.root} has {n_rows} rows, fewer than one batch of {config.batch_size}; "
-                           "lower batch_size or capture more tokens.")
-    steps_per_epoch = n_rows // config.batch_size
-    steps = config.total_tokens // config.batch_size if config.total_tokens is not None else config.epochs * steps_per_epoch
+    return width, k
+
+
+def _resolve_plan(config: SaeTrainConfig, d_in: int, d_out: int, width: int, k: int | None, steps: int,
+                  steps_per_epoch: int) -> TrainPlan:
     tokens = steps * config.batch_size
     aux_k = 0 if k is None else (max(1, d_out // 2) if config.aux_k is None else config.aux_k)
     dead_tokens = config.dead_tokens if config.dead_tokens is not None else max(config.batch_size, min(DEFAULT_DEAD_TOKENS, tokens // 10))
@@ -300,14 +339,15 @@ def train_sae(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(out_dir)
     with directory_lock(out_dir):  # a second trainer on the same out_dir waits, then resumes (or finds it done)
-        run = _Run(config, plan, store, out_store, device, init)
+        run = _Run(config, plan, _store_source(store, out_store), device, init)
         checkpoint = out_dir / CHECKPOINT_FILE
         if checkpoint.exists():
             run.load(checkpoint)
             if run.step:
                 progress(TASK, run.step * plan.batch_size, plan.tokens)
         else:
-            run.initialise()
+            y = _sample(_target_store(config, store, out_store), config.out_hook, config.seed) if config.out_hook else None
+            run.initialise(_sample(store, config.hook, config.seed), y)
         if run.step < plan.steps:
             for x, y in _batches(config, plan, store, out_store, run.step, device):
                 metrics = run.train_step(x, y)
@@ -318,6 +358,142 @@ def train_sae(
                     break
         run.save(out_dir)
     return fold_scales(run.sae)
+
+
+def train_saes_from_model(
+    configs: Sequence[SaeTrainConfig],
+    hooked: Any,
+    corpus: Any,
+    out_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    stream: StreamConfig,
+    seed: int | None = None,
+    progress: Progress = no_progress,
+    device: str | torch.device | None = None,
+    init: Sequence[dict[str, Tensor] | None] | None = None,
+) -> list[SparseAutoencoder]:
+    """Train several SAEs/transcoders at once on activations streamed from ``hooked``; resume each from its ``out_dir``.
+
+    One :class:`~lmscope.sae.stream.ActivationStream` over the union of the configs' hooks feeds
+    every config: one forward pass per ``stream.context_batch`` contexts, and every step gives each
+    config the same rows (its ``hook``, and ``out_hook`` for a transcoder). Each config trains
+    exactly as it would alone on a stream of its own hooks with the same ``seed`` (bitwise on CPU).
+
+    **Normalisation.** The sample is the first ``max(1, min(steps, 65 536 // batch_size))`` batches of
+    the stream (the first batches trained on), instead of a store's seeded sample.
+
+    **Resume.** The stream is a pure function of ``(model, corpus, stream, batch_size, seed)``, so a
+    checkpoint needs no buffer: a restarted run regenerates the stream from its start and skips the
+    SAE work of every step before its checkpoint. The cost is the forward passes of those steps
+    again (no backward, no SAE), about the model's share of the time already spent; in exchange the
+    checkpoint stays the store runs' format and size. Runs with checkpoints at different steps
+    each join at their own step. Bitwise identical to an uninterrupted run on CPU.
+
+    Args:
+        configs: what to train; all with the same ``batch_size`` and ``total_tokens // batch_size``
+            steps (``total_tokens`` must be set: a stream has no epochs).
+        hooked: a :class:`~lmscope.models.hooks.HookedModel`.
+        corpus: a :class:`~lmscope.data.tokenized.TokenizedCorpus`.
+        out_dirs: one directory per config (``checkpoint.pt``, ``train_log.parquet``), all different.
+        stream: contexts and mixing buffer (:class:`~lmscope.sae.stream.StreamConfig`).
+        seed: seeds the stream's permutations; ``None``: the configs' ``seed`` (they must then agree).
+            Each config's own ``seed`` still seeds its initial weights and resampling.
+        progress: ``progress("train sae", batch_size, total_tokens, l0=, fvu=, dead=)`` per config and step
+            (the task is ``"train sae <i>/<n> <hook>"`` when there are several); while a resumed run
+            regenerates skipped steps, ``progress("replay activation stream", batch_size, tokens)``.
+        device: where to train and buffer (``None``: CUDA if available, else CPU).
+        init: per config, parameters to start from (see :func:`train_sae`), or ``None``.
+
+    Returns:
+        The trained SAEs, in the order of ``configs``, with their normalisation folded in.
+    """
+    configs, out_dirs = list(configs), [Path(d) for d in out_dirs]
+    inits = list(init) if init is not None else [None] * len(configs)
+    batch_size, steps, seed = _common_stream_settings(configs, out_dirs, inits, seed)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    hooks = list(dict.fromkeys(h for c in configs for h in (c.hook, c.out_hook) if h is not None))
+    data = ActivationStream(hooked, corpus, hooks, stream, batch_size=batch_size, seed=seed, device=device)
+    widths = data.widths()
+    plans = [plan_streamed_training(config, widths) for config in configs]
+    source = {"stream": data.identity}
+    tasks = [TASK] if len(configs) == 1 else [f"{TASK} {i + 1}/{len(configs)} {_label(c)}" for i, c in enumerate(configs)]
+    with ExitStack() as locks:
+        for out_dir in sorted({d.resolve() for d in out_dirs}):  # one order for every trainer: no deadlock
+            locks.enter_context(directory_lock(out_dir))
+        runs = [_Run(config, plan, source, device, start) for config, plan, start in zip(configs, plans, inits)]
+        fresh = []
+        for run, out_dir, task in zip(runs, out_dirs, tasks):
+            if (out_dir / CHECKPOINT_FILE).exists():
+                run.load(out_dir / CHECKPOINT_FILE)
+                if run.step:
+                    progress(task, run.step * batch_size, run.plan.tokens)
+            else:
+                fresh.append(run)
+        if any(run.step < steps for run in runs):
+            batches = iter(data)
+            head = list(islice(batches, max(1, min(steps, NORM_SAMPLE_ROWS // batch_size))))
+            if fresh:
+                sample = {hook: torch.cat([batch[hook] for batch in head]).to("cpu", torch.float64) for hook in hooks}
+                for run in fresh:
+                    run.initialise(sample[run.config.hook], sample[run.config.out_hook] if run.config.out_hook else None)
+            _train_together(runs, out_dirs, tasks, chain(head, batches), steps, progress)
+        for run, out_dir in zip(runs, out_dirs):
+            run.save(out_dir)
+    return [fold_scales(run.sae) for run in runs]
+
+
+def _common_stream_settings(configs: list[SaeTrainConfig], out_dirs: list[Path], inits: list[Any],
+                            seed: int | None) -> tuple[int, int, int]:
+    """``(batch_size, steps, stream seed)`` shared by ``configs``; LmscopeError naming any mismatch."""
+    if not configs:
+        raise LmscopeError("no SAE configs were given; pass at least one SaeTrainConfig.")
+    if len(out_dirs) != len(configs) or len(inits) != len(configs):
+        raise LmscopeError(f"{len(configs)} configs need as many out_dirs (got {len(out_dirs)}) and inits (got {len(inits)}).")
+    if len({d.resolve() for d in out_dirs}) != len(out_dirs):
+        raise LmscopeError("two configs share an out_dir; give each config its own directory.")
+    for config in configs:
+        if config.total_tokens is None:
+            raise LmscopeError(f"the config for {_label(config)} has no total_tokens; a model stream has no epochs, "
+                               "so set total_tokens (the training tokens).")
+
+    def check(what: str, value: Any, remedy: str) -> None:
+        values = [value(c) for c in configs]
+        if len(set(values)) > 1:
+            listed = ", ".join(f"{v} for {_label(c)}" for c, v in zip(configs, values))
+            raise LmscopeError(f"the configs disagree on {what} ({listed}); {remedy}.")
+
+    same_batches = "one stream feeds every config the same batches, so make them equal"
+    check("batch_size", lambda c: c.batch_size, same_batches)
+    check("steps (total_tokens // batch_size)", lambda c: c.total_tokens // c.batch_size, same_batches)
+    if seed is None:
+        check("seed", lambda c: c.seed, "the stream shuffles with one seed, so make them equal or pass the stream's seed")
+        seed = configs[0].seed
+    return configs[0].batch_size, configs[0].total_tokens // configs[0].batch_size, seed
+
+
+def _train_together(runs: list[_Run], out_dirs: list[Path], tasks: list[str], batches: Iterator[dict[str, Tensor]],
+                    steps: int, progress: Progress) -> None:
+    """Feed step ``s`` of ``batches`` to every run at step ``s``; runs ahead (resumed later) wait for their step."""
+    first = min(run.step for run in runs)
+    for step, batch in enumerate(batches):
+        if step >= steps:
+            break
+        active = [i for i, run in enumerate(runs) if run.step == step]
+        if not active:
+            progress(REPLAY_TASK, runs[0].plan.batch_size, first * runs[0].plan.batch_size)
+            continue
+        for i in active:
+            run, config = runs[i], runs[i].config
+            y = batch[config.out_hook] if config.out_hook is not None else None
+            metrics = run.train_step(batch[config.hook], y)
+            progress(tasks[i], run.plan.batch_size, run.plan.tokens, l0=metrics["l0"], fvu=metrics["fvu"],
+                     dead=metrics["dead_fraction"])
+            if run.step % config.checkpoint_every == 0 and run.step < steps:
+                run.save(out_dirs[i])
+
+
+def _label(config: SaeTrainConfig) -> str:
+    return config.hook if config.out_hook is None else f"{config.hook} → {config.out_hook}"
 
 
 def trained_parameters(out_dir: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -355,6 +531,12 @@ def _target_store(config: SaeTrainConfig, store: ActivationStore, out_store: Act
         raise LmscopeError(f"out_store {out_store.root} does not hold the same rows as {store.root} "
                            f"({out_store.n_rows} vs {store.n_rows} rows, or other shards); capture both hooks in one run.")
     return out_store
+
+
+def _store_source(store: ActivationStore, out_store: ActivationStore | None) -> dict[str, Any]:
+    """A store run's data fingerprint: each store's config hash and size."""
+    stores = [store] + ([out_store] if out_store is not None else [])
+    return {"stores": [{"config_sha256": s.manifest.get("config_sha256"), "n_rows": s.n_rows} for s in stores]}
 
 
 def _flat(batch: Tensor, device: torch.device) -> Tensor:
@@ -720,9 +902,9 @@ def _adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
 class _Run:
     """The state of one training run: SAE, optimiser, counters; one step at a time; checkpoints."""
 
-    def __init__(self, config: SaeTrainConfig, plan: TrainPlan, store: ActivationStore, out_store: ActivationStore | None,
-                 device: torch.device, init: dict[str, Tensor] | None = None) -> None:
-        self.config, self.plan, self.store, self.out_store, self.device = config, plan, store, out_store, device
+    def __init__(self, config: SaeTrainConfig, plan: TrainPlan, source: dict[str, Any], device: torch.device,
+                 init: dict[str, Tensor] | None = None) -> None:
+        self.config, self.plan, self.source, self.device = config, plan, source, device
         self.init = init
         self.sae = SparseAutoencoder(plan.shape(config), seed=config.seed, device=device)
         self.optimizer = _adam(list(self.sae.parameters()), plan.lr)
@@ -735,22 +917,19 @@ class _Run:
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        stores = [self.store] + ([self.out_store] if self.out_store is not None else [])
-        source: dict[str, Any] = {"stores": [{"config_sha256": s.manifest.get("config_sha256"), "n_rows": s.n_rows}
-                                             for s in stores]}
+        """The data source (:func:`_store_source` or a stream's identity) and the initial SAE; checked on resume."""
+        source = dict(self.source)
         if self.init is not None:
             source["init_sha256"] = _digest(self.init)
         return source
 
     @torch.no_grad()
-    def initialise(self) -> None:
-        """Normalisation scales and ``b_dec`` from the seeded sample."""
-        x = _sample(self.store, self.config.hook, self.config.seed)
+    def initialise(self, x: Tensor, y: Tensor | None) -> None:
+        """Normalisation scales and ``b_dec`` from the sample: raw rows ``x [n, d_in]``, ``y [n, d_out]`` (transcoder), float64."""
         s = _scale(x, self.config.hook)
-        if self.config.out_hook is None:
+        if y is None:
             t, target = s, x * s
         else:
-            y = _sample(_target_store(self.config, self.store, self.out_store), self.config.out_hook, self.config.seed)
             t = _scale(y, self.config.out_hook)
             target = y * t
         self.sae.input_scale.fill_(s)
@@ -866,8 +1045,9 @@ class _Run:
             raise LmscopeError(f"{path.parent} holds a checkpoint of a different SAE training run ({changed}); "
                                "choose another out_dir, or delete it to start over.")
         if state["source"] != self.fingerprint:
-            raise LmscopeError(f"{path.parent} holds a checkpoint trained on a different activation store or from a "
-                               "different initial SAE; choose another out_dir, or pass the store and init it was trained with.")
+            raise LmscopeError(f"{path.parent} holds a checkpoint trained on other data (another activation store or model "
+                               "stream) or from a different initial SAE; choose another out_dir, or pass the data and init it "
+                               "was trained with.")
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
