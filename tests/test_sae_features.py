@@ -114,6 +114,9 @@ def test_logit_effects_are_the_decoder_through_the_unembedding(setup: dict) -> N
     assert stats["top_logit_tokens"] == effects.argsort(descending=True)[:3].tolist()
     assert stats["bottom_logit_tokens"] == effects.argsort()[:3].tolist()
     assert stats["top_logit_values"][0] == pytest.approx(float(effects.max()), rel=1e-5)
+    # an SAE on a hook of another width than the residual stream (MLP neurons) has no direct logit effect
+    other = torch.randn(30, D + 3)
+    assert "top_logit_tokens" not in feature_report(sae, setup["store"], features=[2], unembedding=other).stats.column_names
 
 
 def test_written_tables_and_bad_input(setup: dict, tmp_path: Path) -> None:

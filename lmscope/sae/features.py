@@ -129,7 +129,8 @@ def feature_report(
         store: an :class:`lmscope.activations.reader.ActivationStore` holding ``hook`` (default ``sae.shape.hook``).
         window: tokens of context shown before and after the example's token (same context only).
         tokenizer: decodes tokens to text for the examples and the logit effects (optional).
-        unembedding: ``[vocab, d]`` output embedding for logit effects (optional; SAEs only, not transcoders).
+        unembedding: ``[vocab, d]`` output embedding for logit effects (optional; SAEs of a residual-width hook only:
+            transcoders and SAEs on MLP neurons get none).
         replay: a replay source with a document table (a mini suite) for ``steps_seen`` (optional).
     """
     hook = hook or sae.shape.hook
@@ -286,7 +287,7 @@ def _stats(chosen: Tensor, count: Tensor, total: Tensor, n_rows: int, maximum: T
         "mean_when_active": (total / count.clamp_min(1)).tolist(),
         "log10_histogram": histogram.tolist(),
     }
-    if unembedding is not None and not sae.shape.transcoder:
+    if unembedding is not None and not sae.shape.transcoder and unembedding.shape[1] == sae.shape.d_in:
         # Raw-space decoder direction: W_dec / output_scale (fold_scales), through the unembedding.
         direction = (sae.W_dec[chosen] / sae.output_scale).float()
         effects = direction @ unembedding.float().T  # [n_feat, vocab]
