@@ -47,7 +47,7 @@ def train(
 ) -> None:
     """Capture activations (or stream them with --stream), train SAEs (resumable), save them in SAELens's format, evaluate them."""
     from lmscope.errors import LmscopeError
-    from lmscope.sae.job import run_sae_job
+    from lmscope.sae.job import run_sae_job, run_streamed_sae_job
     from lmscope.sae.train import SaeTrainConfig
 
     hooks = list(hook)
@@ -68,8 +68,8 @@ def train(
     dirs = [out] if len(hooks) == 1 else [out / h for h in hooks]
     with progress_bars(enabled=not as_json) as progress:
         if stream:
-            summaries = _train_streamed(model, configs, dirs, corpus, tokens=tokens, ctx=ctx, buffer_rows=buffer_rows,
-                                        context_batch=context_batch or 8, dtype=dtype, device=device, progress=progress)
+            summaries = run_streamed_sae_job(model, configs, dirs, corpus, tokens=tokens, ctx=ctx, buffer_rows=buffer_rows,
+                                             context_batch=context_batch or 8, dtype=dtype, device=device, progress=progress)
         else:
             if len(hooks) > 1 and store is None:
                 store = _capture_hooks(model, hooks, corpus, out / "activations", tokens=tokens, ctx=ctx, dtype=dtype,
@@ -93,63 +93,15 @@ def _capture_hooks(model: str, hooks: list[str], corpus: Path, store: Path, *, t
     from lmscope.activations.job import capture_corpus_activations
     from lmscope.data.tokenized import TokenizedCorpus
     from lmscope.models.hooks import HookedModel
+    from lmscope.sae.job import capped_ctx
 
     tokenized = TokenizedCorpus.open(corpus)
     hooked = HookedModel.from_spec(model, dtype=dtype, device=device)
     for name in hooks:
         hooked.hook_point(name)
-    capture_corpus_activations(hooked, tokenized, hooks, tokens, _capped_ctx(hooked, ctx), store, split="train",
+    capture_corpus_activations(hooked, tokenized, hooks, tokens, capped_ctx(hooked, ctx), store, split="train",
                                meta={"model": model}, progress=progress)
     return store
-
-
-def _train_streamed(model: str, configs: list, dirs: list[Path], corpus: Path, *, tokens: int, ctx: int, buffer_rows: int | None,
-                    context_batch: int, dtype: str, device: str, progress: Progress) -> list[dict[str, Any]]:
-    """Train ``configs`` from one model stream into ``dirs`` (``train/``, ``sae/``, ``eval.json``, ``results.parquet``)."""
-    import dataclasses
-    import json
-
-    import pyarrow.parquet as pq
-
-    from lmscope.data.tokenized import TokenizedCorpus
-    from lmscope.fsio import atomic_write_json
-    from lmscope.models.hooks import HookedModel
-    from lmscope.results.schema import write_results
-    from lmscope.sae import evaluate
-    from lmscope.sae.io import load_sae, save_sae
-    from lmscope.sae.stream import StreamConfig
-    from lmscope.sae.train import TRAIN_LOG_FILE, train_saes_from_model
-
-    tokenized = TokenizedCorpus.open(corpus)
-    hooked = HookedModel.from_spec(model, dtype=dtype, device=device)
-    ctx = _capped_ctx(hooked, ctx)
-    settings = StreamConfig(ctx=ctx, buffer_rows=buffer_rows, n_tokens=tokens, split="train", context_batch=context_batch)
-    saes = train_saes_from_model(configs, hooked, tokenized, [d / "train" for d in dirs], stream=settings, progress=progress,
-                                 device=hooked.device)
-    summaries = []
-    for config, sae, out in zip(configs, saes, dirs):
-        sae_dir, eval_path = out / "sae", out / "eval.json"
-        log = pq.read_table(out / "train" / TRAIN_LOG_FILE).to_pylist()[-1]
-        if not (sae_dir / "cfg.json").is_file():
-            save_sae(sae, sae_dir, metadata={"model": model, "identity": {}, "config": dataclasses.asdict(config),
-                                             "stream": settings.to_dict()})
-        if eval_path.is_file():
-            evaluation = json.loads(eval_path.read_text())
-        else:
-            sae, _ = load_sae(sae_dir)
-            spliced = evaluate.spliced_metrics(hooked, sae.to(hooked.device), tokenized, ctx=ctx, n_contexts=16)
-            write_results(evaluate.result_rows([spliced], model=model), out / "results.parquet")
-            evaluation = {"spliced": spliced.to_dict()}
-            atomic_write_json(eval_path, evaluation)
-        summaries.append({"out": str(out), "sae": str(sae_dir), "store": None, "features": None,
-                          "training": {key: log[key] for key in ("step", "tokens", "fvu", "l0", "dead_fraction")}, **evaluation})
-    return summaries
-
-
-def _capped_ctx(hooked: Any, ctx: int) -> int:
-    """``ctx``, at most the model's positions (as :func:`lmscope.sae.job.run_sae_job` caps it)."""
-    limit = int(getattr(hooked.model.config, "max_position_embeddings", 0) or 0)
-    return min(ctx, limit) if limit else ctx
 
 
 @sae_app.command("eval")

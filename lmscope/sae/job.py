@@ -73,8 +73,7 @@ def run_sae_job(
     hooks = [config.hook] + ([config.out_hook] if config.out_hook else [])
     for hook in hooks:
         hooked.hook_point(hook)
-    limit = int(getattr(hooked.model.config, "max_position_embeddings", 0) or 0)
-    ctx = min(ctx, limit) if limit else ctx
+    ctx = capped_ctx(hooked, ctx)
     if store is None:
         store = out / "activations"
         capture_corpus_activations(hooked, tokenized, hooks, tokens, ctx, store, split="train",
@@ -115,3 +114,54 @@ def run_sae_job(
                                 replay=replay, progress=progress)
         report.write(features_dir)
     return {"out": str(out), "sae": str(sae_dir), "store": str(store), "features": str(features_dir), **evaluation}
+
+
+def run_streamed_sae_job(model: str, configs: list[Any], dirs: list[Path], corpus: str | os.PathLike[str], *, tokens: int,
+                         ctx: int, buffer_rows: int | None = None, context_batch: int = 8, dtype: str = "float32",
+                         device: str = "auto", progress: Progress = no_progress) -> list[dict[str, Any]]:
+    """Train ``configs`` from one model stream (no activation store) into ``dirs``, save and evaluate each.
+
+    Each directory gets ``train/``, ``sae/`` (SAELens's format), ``eval.json`` (spliced metrics on
+    held-out text) and ``results.parquet``; there is no store, so no reconstruction metrics or features.
+    ``tokens`` are the stream's valid positions per pass (train split), ``buffer_rows`` its mixing buffer.
+    """
+    import pyarrow.parquet as pq
+
+    from lmscope.data.tokenized import TokenizedCorpus
+    from lmscope.models.hooks import HookedModel
+    from lmscope.results.schema import write_results
+    from lmscope.sae import evaluate
+    from lmscope.sae.io import load_sae, save_sae
+    from lmscope.sae.stream import StreamConfig
+    from lmscope.sae.train import TRAIN_LOG_FILE, train_saes_from_model
+
+    tokenized = TokenizedCorpus.open(corpus)
+    hooked = HookedModel.from_spec(model, dtype=dtype, device=device)
+    ctx = capped_ctx(hooked, ctx)
+    settings = StreamConfig(ctx=ctx, buffer_rows=buffer_rows, n_tokens=tokens, split="train", context_batch=context_batch)
+    saes = train_saes_from_model(configs, hooked, tokenized, [d / "train" for d in dirs], stream=settings, progress=progress,
+                                 device=hooked.device)
+    summaries = []
+    for config, sae, out in zip(configs, saes, dirs):
+        sae_dir, eval_path = out / "sae", out / "eval.json"
+        log = pq.read_table(out / "train" / TRAIN_LOG_FILE).to_pylist()[-1]
+        if not (sae_dir / "cfg.json").is_file():
+            save_sae(sae, sae_dir, metadata={"model": model, "identity": {}, "config": dataclasses.asdict(config),
+                                             "stream": settings.to_dict()})
+        if eval_path.is_file():
+            evaluation = json.loads(eval_path.read_text())
+        else:
+            sae, _ = load_sae(sae_dir)
+            spliced = evaluate.spliced_metrics(hooked, sae.to(hooked.device), tokenized, ctx=ctx, n_contexts=16)
+            write_results(evaluate.result_rows([spliced], model=model), out / "results.parquet")
+            evaluation = {"spliced": spliced.to_dict()}
+            atomic_write_json(eval_path, evaluation)
+        summaries.append({"out": str(out), "sae": str(sae_dir), "store": None, "features": None,
+                          "training": {key: log[key] for key in ("step", "tokens", "fvu", "l0", "dead_fraction")}, **evaluation})
+    return summaries
+
+
+def capped_ctx(hooked: Any, ctx: int) -> int:
+    """``ctx``, at most the model's positions (as :func:`lmscope.sae.job.run_sae_job` caps it)."""
+    limit = int(getattr(hooked.model.config, "max_position_embeddings", 0) or 0)
+    return min(ctx, limit) if limit else ctx
