@@ -81,3 +81,13 @@ def corpus_records(n: int, domains: tuple[str, ...] = ("alpha", "beta", "gamma")
             {"id": f"doc-{i}", "domain": domains[i % len(domains)], "text": f"{base} Number {i}. " * (1 + i % 4), "meta": {"i": i}}
         )
     return records
+
+
+def tiny_tokenized_corpus(root: Path, *, vocab_size: int = 400, n_documents: int = 40, heldout_fraction: float = 0.5):
+    """A real tokenized corpus under ``root``: a BPE tokenizer trained here (``root/tok``) over ``corpus_records``."""
+    from lmscope.data.tokenize_job import tokenize_corpus
+    from lmscope.data.tokenized import TokenizedCorpus
+
+    build_bpe_tokenizer(root / "tok", vocab_size=vocab_size)
+    documents = write_jsonl(root / "docs.jsonl", corpus_records(n_documents))
+    return TokenizedCorpus.open(tokenize_corpus(documents, str(root / "tok"), root / "corpus", heldout_fraction=heldout_fraction).path)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import build_bpe_tokenizer, corpus_records, write_jsonl
-from lmscope.data.tokenize_job import tokenize_corpus
+from data_fixtures import tiny_tokenized_corpus
 from lmscope.data.tokenized import TokenizedCorpus
 from lmscope.errors import LmscopeError
 from lmscope.evals.bpb import bits_per_byte_by_domain, windows
@@ -23,9 +22,7 @@ PREFIX = 0
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, TokenizedCorpus]:
     root = tmp_path_factory.mktemp("bpb")
-    build_bpe_tokenizer(root / "tok", vocab_size=VOCAB)
-    documents = write_jsonl(root / "docs.jsonl", corpus_records(40))
-    corpus = TokenizedCorpus.open(tokenize_corpus(documents, str(root / "tok"), root / "corpus", heldout_fraction=0.5).path)
+    corpus = tiny_tokenized_corpus(root, vocab_size=VOCAB)
     model = tiny_model("gpt_neox", vocab_size=VOCAB)
     return model, corpus
 

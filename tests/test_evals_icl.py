@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import build_bpe_tokenizer, corpus_records, write_jsonl
-from lmscope.data.tokenize_job import tokenize_corpus
+from data_fixtures import tiny_tokenized_corpus
 from lmscope.data.tokenized import TokenizedCorpus
 from lmscope.errors import LmscopeError
 from lmscope.evals.icl import (
@@ -31,9 +30,7 @@ VOCAB = 400
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, TokenizedCorpus]:
     root = tmp_path_factory.mktemp("icl")
-    build_bpe_tokenizer(root / "tok", vocab_size=VOCAB)
-    documents = write_jsonl(root / "docs.jsonl", corpus_records(40))
-    corpus = TokenizedCorpus.open(tokenize_corpus(documents, str(root / "tok"), root / "corpus", heldout_fraction=0.5).path)
+    corpus = tiny_tokenized_corpus(root, vocab_size=VOCAB)
     return tiny_model("gpt_neox", vocab_size=VOCAB), corpus
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_fixtures import build_bpe_tokenizer, corpus_records, write_jsonl
-from lmscope.data.tokenize_job import tokenize_corpus
+from data_fixtures import tiny_tokenized_corpus
 from lmscope.data.tokenized import TokenizedCorpus
 from lmscope.errors import LmscopeError
 from lmscope.evals.lens import logit_lens, result_rows
@@ -19,9 +18,7 @@ VOCAB = 400
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> TokenizedCorpus:
     root = tmp_path_factory.mktemp("lens")
-    build_bpe_tokenizer(root / "tok", vocab_size=VOCAB)
-    documents = write_jsonl(root / "docs.jsonl", corpus_records(40))
-    return TokenizedCorpus.open(tokenize_corpus(documents, str(root / "tok"), root / "corpus", heldout_fraction=0.5).path)
+    return tiny_tokenized_corpus(root, vocab_size=VOCAB)
 
 
 @pytest.mark.parametrize("label", ["gpt_neox", "llama", "olmo2"])

@@ -19,9 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_fixtures import build_bpe_tokenizer, corpus_records, write_jsonl
+from data_fixtures import tiny_tokenized_corpus
 from lmscope.activations import ActivationStore, iter_contexts, write_activations
-from lmscope.data.tokenize_job import tokenize_corpus
 from lmscope.data.tokenized import TokenizedCorpus
 from lmscope.errors import LmscopeError
 from lmscope.models.hooks import HookedModel
@@ -41,9 +40,7 @@ def _one_thread(one_torch_thread: None) -> None:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> TokenizedCorpus:
     root = tmp_path_factory.mktemp("sae_eval")
-    build_bpe_tokenizer(root / "tok", vocab_size=VOCAB)
-    documents = write_jsonl(root / "docs.jsonl", corpus_records(40))
-    return TokenizedCorpus.open(tokenize_corpus(documents, str(root / "tok"), root / "corpus", heldout_fraction=0.5).path)
+    return tiny_tokenized_corpus(root, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")
