@@ -123,10 +123,15 @@ class SaeStudyConfig:
     """Activations per step."""
     cards: int = 12
     """Feature cards shown in the report."""
+    track_select: str = "log:4"
+    """Track features across these checkpoints of ``size`` (one SAE each, ``lmscope sae track``); ``""``: no track."""
+    track_cards: int = 3
+    """Lineage cards (a feature's top contexts at each checkpoint) shown in the report."""
 
     def __post_init__(self) -> None:
-        if self.width <= 0 or self.tokens <= 0 or self.epochs <= 0 or self.batch_size <= 0 or self.cards < 0:
-            raise LmscopeError("[sae] width, tokens, epochs and batch_size must be positive and cards non-negative.")
+        if self.width <= 0 or self.tokens <= 0 or self.epochs <= 0 or self.batch_size <= 0 or self.cards < 0 \
+                or self.track_cards < 0:
+            raise LmscopeError("[sae] width, tokens, epochs and batch_size must be positive and cards, track_cards non-negative.")
 
 
 @dataclass
@@ -370,6 +375,23 @@ def _run_sae(config: StudyConfig, suite_dir: Path, run_dir: Path, progress: Prog
     return {**summary, "model": spec, "identity": identity, "config": dataclasses.asdict(sc)}
 
 
+def _run_sae_track(config: StudyConfig, suite_dir: Path, run_dir: Path, progress: Progress) -> dict[str, Any]:
+    """Track the study SAE's features across ``[sae] track_select`` in ``run_dir/sae-track``; rows to ``results/sae_track.parquet``."""
+    from lmscope.sae.track import RESULTS_FILE, run_sae_track
+    from lmscope.sae.train import SaeTrainConfig
+
+    sc = config.sae
+    if not (suite_dir / sc.size).is_dir():
+        raise LmscopeError(f"[sae] size {sc.size!r} is not in suite {suite_dir}; choose one of its sizes.")
+    train = SaeTrainConfig(hook=sc.hook, arch=sc.arch, width=sc.width, k=sc.k, epochs=sc.epochs, batch_size=sc.batch_size)
+    track = run_sae_track(str(suite_dir / sc.size), train, run_dir / "sae-track", select=sc.track_select, tokens=sc.tokens,
+                          ctx=128, device=config.device, progress=progress)
+    (run_dir / "results").mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "results" / "sae_track.parquet", (run_dir / "sae-track" / RESULTS_FILE).read_bytes())
+    return {"out": "sae-track", "size": sc.size, "hook": sc.hook, "select": sc.track_select, "steps": track["steps"],
+            "lineages": track["lineages"], "summary": track["summary"], "cards": sc.track_cards}
+
+
 def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", progress: Progress = no_progress) -> dict[str, Any]:
     """Run a study into ``runs_dir/<config.name>`` and return its summary (also written to ``summary.json``)."""
     from lmscope.activations.job import capture_corpus_activations
@@ -448,6 +470,12 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         sae_summary = _run_sae(config, Path(suite_summary["path"]), run_dir, progress)
         timings["sae_s"] = time.perf_counter() - clock
 
+    track_summary = None
+    if suite_summary is not None and config.sae.enabled and config.sae.track_select:
+        clock = time.perf_counter()
+        track_summary = _run_sae_track(config, Path(suite_summary["path"]), run_dir, progress)
+        timings["sae_track_s"] = time.perf_counter() - clock
+
     corpus_stats = {"path": str(corpus_dir), "documents": len(corpus), "tokens": int(corpus.n_tokens), "domains": corpus.domains}
     summary = {
         "study": config.name,
@@ -461,6 +489,7 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         "suite": suite_summary,
         "evaluation": evaluation,
         "sae": sae_summary,
+        "sae_track": track_summary,
         "timings": timings,
     }
     _write_study_results(run_dir, config, summary)

@@ -453,7 +453,7 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
                          suite=str(suite), activations=ActivationsConfig(hooks=["blocks.0.hook_resid_post"], tokens=256, ctx=32),
                          eval=EvalConfig(select=f"0,{STEPS}", documents_per_domain=2, memorization_sequences=16),
                          sae=SaeStudyConfig(size="s32", hook="blocks.1.hook_resid_post", width=128, k=4, tokens=4096,
-                                            epochs=2, batch_size=256, cards=3))
+                                            epochs=2, batch_size=256, cards=3, track_select=f"0,{STEPS}", track_cards=2))
     result = run_study(config, tmp_path)
     summary = result["suite"]
     check = trained["summary"]
@@ -478,13 +478,19 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     assert {r["lens"] for r in table.to_pylist() if r["metric"] == "lens_kl"} == {"logit", "tuned"}
     page = (run / "report.html").read_text()
     images = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,", page)
-    assert page.count("<div class='card'>") == 3 and "Sparse autoencoder features" in page
+    assert page.count("<div class='card'>") == 3 + 2 and "Sparse autoencoder features" in page
+    assert "Features across training" in page and "lineage " in page
+    track = result["sae_track"]
+    assert track["steps"] == [0, STEPS] and (run / "results" / "sae_track.parquet").is_file()
     sae = result["sae"]
     assert sae["identity"]["step"] == STEPS and sae["reconstruction"]["l0"] == 4.0 and sae["reconstruction"]["fvu"] < 1
     sae_rows = {r["metric"]: r for r in pq.read_table(run / "results" / "sae.parquet").to_pylist()}
     assert sae_rows["sae_fvu"]["value"] == sae["reconstruction"]["fvu"] and sae_rows["sae_fvu"]["model"] == "s32"
-    assert len(images) == 8 and "Memorization of training sequences against when they were seen" in images
-    assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", page) and "http" not in page
+    assert len(images) == 10 and "Memorization of training sequences against when they were seen" in images
+    assert "SAE latents across training" in images
+    # nothing loaded by URL (the corpus text shown in cards may mention URLs, escaped, as text)
+    assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", page) and "<script" not in page
+    assert "<link" not in page and "url(" not in page[page.index("<style>"):page.index("</style>")]
     manifest = json.loads((run / "manifest.json").read_text())
     assert {"report.html", "results/eval.parquet", "figures/memorization.png"} <= {a["path"] for a in manifest["artifacts"]}
     cached = sorted((run / "cache").glob("*.parquet"))
@@ -570,3 +576,52 @@ def test_eval_sweep_icl_and_induction_rows(trained: dict, tmp_path: Path) -> Non
     assert len(heads) == 1 * 2 and all(0.0 <= r["value"] <= 1.0 for r in heads)  # s16: 1 layer x 2 heads
     lens_kl = [r for r in rows if r["metric"] == "lens_kl"]
     assert len(lens_kl) == 1 and abs(lens_kl[0]["value"]) <= 1e-9  # one layer: its lens is the model
+
+
+def test_sae_track_across_checkpoints(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lmscope sae track SUITE/SIZE`: one SAE per checkpoint, each from the previous; the timeline's alive latents
+    are the ones that fire when each saved SAE encodes its checkpoint's activations, computed here."""
+    from lmscope.activations.reader import ActivationStore
+    from lmscope.sae.io import load_sae
+    from lmscope.sae.track import decoder_cosines
+
+    suite, out = trained["suite"], tmp_path / "track"
+    args = ["sae", "track", f"{suite}/s32", "--hook", "blocks.1.hook_resid_post", "--select", f"0,{STEPS // 2},{STEPS}",
+            "--out", str(out), "--width", "64", "--k", "4", "--tokens", "2048", "--ctx", "32", "--batch-size", "256",
+            "--device", "cpu", "--json"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert not exit_info.value.code
+    result = json.loads(capsys.readouterr().out)
+    steps = [0, STEPS // 2, STEPS]
+    assert result["steps"] == steps and [Path(p).name for p in result["figures"]] == ["sae_track.png", "sae_lineages.png"]
+    timeline = pq.read_table(out / "timeline.parquet").to_pylist()
+    saes = {}
+    for step in steps:
+        sae, _ = load_sae(out / f"step{step}" / "sae")
+        store = ActivationStore.open(out / f"step{step}" / "activations")
+        with torch.no_grad():
+            fired = (sae.encode(store.rows("blocks.1.hook_resid_post", slice(None)).float()) > 0).any(0)
+        assert {r["feature"] for r in timeline if r["step"] == step} == set(torch.nonzero(fired).flatten().tolist())
+        saes[step] = sae
+        source = torch.load(out / f"step{step}" / "train" / "checkpoint.pt", weights_only=True)["source"]
+        assert ("init_sha256" in source) == (step != 0)  # later SAEs start from the previous one
+    for r in timeline:
+        if r["previous_feature"] is not None:
+            before = steps[steps.index(r["step"]) - 1]
+            cosine = decoder_cosines(saes[before].W_dec[r["previous_feature"]][None], saes[r["step"]].W_dec[r["feature"]][None])
+            assert r["cosine_previous"] == pytest.approx(float(cosine)) and r["cosine_previous"] >= 0.7
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    alive = {r["step"]: r["value"] for r in rows if r["metric"] == "sae_track_alive"}
+    assert alive == {s: float(sum(r["step"] == s for r in timeline)) for s in steps}
+    assert {r["step"] for r in rows if r["metric"] == "sae_fvu"} == set(steps) and all(r["model"] == "s32" for r in rows)
+
+    stamps = [p.stat().st_mtime_ns for p in sorted(out.glob("step*/sae/*"))]
+    with pytest.raises(SystemExit) as exit_info:  # a rerun resumes: nothing is retrained
+        main(args)
+    assert not exit_info.value.code and [p.stat().st_mtime_ns for p in sorted(out.glob("step*/sae/*"))] == stamps
+    capsys.readouterr()
+    for bad, message in ((["--select", "0"], "at least two"), (["--width", "32"], "other settings")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args[:-1] + bad)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
