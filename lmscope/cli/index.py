@@ -230,3 +230,164 @@ def infgram_command(
         for token, count, probability in result.distribution(top)
     ]
     print_table(rows, title=f"next tokens (top {top} of {len(result.counts)})")
+
+
+# --- corpus statistics ----------------------------------------------------------------------
+
+stats_app = typer.Typer(
+    help=(
+        "Corpus statistics over an index: a term's frequency in the data seen by each checkpoint of a mini suite, the top n-grams "
+        "per domain, exact duplicate documents, and contamination of an evaluation set (n-gram overlap)."
+    ),
+    short_help="Term frequency by step, top n-grams, duplicates, contamination.",
+    no_args_is_help=True,
+)
+index_app.add_typer(stats_app, name="stats")
+
+
+def _parse_steps(text: str | None) -> list[int] | None:
+    return None if text is None else _parse_ids(text, "--steps")
+
+
+@stats_app.command("frequency")
+def frequency_command(
+    path: IndexArgument,
+    text: Annotated[list[str] | None, typer.Option("--text", help="A term as text (repeat for several).")] = None,
+    tokens: Annotated[list[str] | None, typer.Option("--tokens", help="A term as token ids, comma-separated (repeat for several).")] = None,
+    suite: Annotated[Path | None, typer.Option("--suite", help="A mini suite trained on this corpus: count the exposures seen by each checkpoint.")] = None,
+    steps: Annotated[
+        str | None, typer.Option("--steps", help="With --suite: the checkpoints stepN to report, comma-separated (default: the suite's saved ones).")
+    ] = None,
+    tokenizer: TokenizerOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """How often terms occur in the corpus and, with a suite, in the training data seen by each checkpoint (steps < N)."""
+    from lmscope.index.exposures import open_suite
+    from lmscope.index.stats import term_frequency
+
+    if not text and not tokens:
+        raise LmscopeError("give at least one term with --text TEXT or --tokens IDS.")
+    source = open_suite(suite) if suite is not None else None
+    index = _open(path, tokenizer, source)
+    wanted = _parse_steps(steps)
+    terms = [(index.encode(t), t) for t in text or []] + [(_parse_ids(t, "--tokens"), None) for t in tokens or []]
+    results = [term_frequency(index, ids, suite=source, steps=wanted, text=label) for ids, label in terms]
+    if json_output:
+        print_json({"terms": [r.to_dict() for r in results]})
+        return
+    rows = []
+    for r in results:
+        row = {"term": repr(r.text) if r.text is not None else _show_ids(r.tokens), "in corpus": r.corpus_count, "docs": r.documents}
+        if r.suite is not None:
+            row["trained"] = r.trained
+            row["first"] = "never" if r.first_step is None else r.first_step
+            row.update({f"<step{s}": n for s, n in zip(r.checkpoints, r.seen)})
+        rows.append(row)
+    print_table(rows, title="term frequency" + (" (exposures seen before each checkpoint)" if source is not None else ""))
+
+
+@stats_app.command("top-ngrams")
+def top_ngrams_command(
+    path: IndexArgument,
+    n: Annotated[int, typer.Option("--n", help="Tokens per n-gram (1–16).")] = 3,
+    top: Annotated[int, typer.Option("--top", help="N-grams listed per domain.")] = 10,
+    domain: Annotated[list[str] | None, typer.Option("--domain", help="Only this domain (repeat for several; default: all).")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Only documents of this split (default: all).")] = None,
+    tokenizer: TokenizerOption = None,
+    no_text: Annotated[bool, typer.Option("--no-text", help="Show token ids only (no tokenizer needed).")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """The most frequent n-grams of each domain and of the whole corpus, with exact counts (never across documents)."""
+    from lmscope.index.stats import top_ngrams
+
+    index = _open(path, tokenizer)
+    with progress_bars(enabled=not json_output) as progress:
+        result = top_ngrams(index, n, top=top, domains=domain or None, split=split, decode=not no_text, progress=progress)
+    if json_output:
+        print_json(result.to_dict())
+        return
+    for name, grams in result.by_domain.items():
+        rows = [
+            {"rank": k, "n-gram": repr(g.text) if g.text is not None else _show_ids(g.tokens), "count": g.count, "share": f"{g.count / max(result.totals[name], 1):.3%}"}
+            for k, g in enumerate(grams, start=1)
+        ]
+        print_table(rows, title=f"{name}: {result.totals[name]:,} {n}-grams, {result.distinct[name]:,} distinct")
+
+
+@stats_app.command("duplicates")
+def duplicates_command(
+    path: IndexArgument,
+    min_tokens: Annotated[int, typer.Option("--min-tokens", help="Ignore documents shorter than this.")] = 1,
+    limit: Annotated[int, typer.Option("--limit", help="Groups listed (largest waste first).")] = 20,
+    json_output: JsonOption = False,
+) -> None:
+    """Groups of documents with identical tokens, and the tokens they waste."""
+    from lmscope.index import Index
+    from lmscope.index.stats import duplicate_documents
+
+    index = Index.open(path)
+    with progress_bars(enabled=not json_output) as progress:
+        result = duplicate_documents(index, min_tokens=min_tokens, progress=progress)
+    summary = result.to_dict(limit=limit)
+    if json_output:
+        print_json(summary)
+        return
+    stdout.print(
+        f"{summary['n_documents']:,} documents of ≥ {min_tokens} tokens: {summary['groups']:,} duplicate groups, {summary['redundant_documents']:,} "
+        f"redundant copies ({summary['redundant_tokens']:,} tokens); {summary['groups_across_splits']} groups span two splits.",
+        highlight=False,
+    )
+    rows = [
+        {
+            "copies": len(g.doc_indices),
+            "tokens": g.n_tokens,
+            "documents": ", ".join(g.doc_ids[:4]) + (" …" if len(g.doc_ids) > 4 else ""),
+            "domains": ", ".join(sorted(set(g.domains))),
+            "splits": ", ".join(sorted(set(g.splits))),
+        }
+        for g in result.groups[:limit]
+    ]
+    print_table(rows, title="duplicate groups")
+
+
+@stats_app.command("contamination")
+def contamination_command(
+    path: IndexArgument,
+    eval_set: Annotated[
+        Path, typer.Argument(help="The evaluation set: JSONL/Parquet (text field), a .txt file (one document per line), or a tokenized corpus directory.")
+    ],
+    n: Annotated[int, typer.Option("--n", help="Tokens per n-gram.")] = 13,
+    split: Annotated[str | None, typer.Option("--split", help="With a tokenized corpus: only its documents of this split.")] = None,
+    against_split: Annotated[
+        str | None,
+        typer.Option("--against-split", help="Count only matches in corpus documents of this split (default: train, when the set is a split of the index's own corpus)."),
+    ] = None,
+    text_field: Annotated[str, typer.Option("--field", help="The text field of JSONL/Parquet records.")] = "text",
+    limit: Annotated[int, typer.Option("--limit", help="Documents listed (most overlap first).")] = 20,
+    tokenizer: TokenizerOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Which documents of an evaluation set share an n-gram (13 tokens by default) with the corpus, and how much of each."""
+    from lmscope.index.stats import contamination, read_eval_set
+
+    index = _open(path, tokenizer)
+    documents = read_eval_set(eval_set, index, split=split, text_field=text_field)
+    if against_split is None and any(d.doc_index is not None for d in documents):
+        against_split = "train"  # a split of the index's own corpus: contamination means overlap with what was trained on
+    with progress_bars(enabled=not json_output) as progress:
+        result = contamination(index, documents, n=n, against_split=against_split, progress=progress)
+    summary = result.to_dict(limit=limit)
+    if json_output:
+        print_json(summary)
+        return
+    against = f" (matches in the {against_split} split only)" if against_split else ""
+    stdout.print(
+        f"{summary['contaminated']:,} of {summary['n_documents']:,} documents ({summary['fraction']:.1%}) share a {n}-gram with the corpus{against}; "
+        f"{summary['ngram_overlap']:.1%} of all their {n}-grams occur in it; {summary['too_short']} documents are shorter than {n} tokens.",
+        highlight=False,
+    )
+    rows = [
+        {"document": d["id"], "tokens": d["n_tokens"], f"{n}-grams": d["n_ngrams"], "found": d["matched_ngrams"], "n-gram overlap": f"{d['ngram_overlap']:.1%}", "token overlap": f"{d['token_overlap']:.1%}"}
+        for d in summary["documents"]
+    ]
+    print_table(rows, title="documents (most overlap first)")
