@@ -9,17 +9,20 @@ each document's separator) and indexed by ``python -m infini_gram.indexing``. Th
   ids, mostly absent) must be identical;
 - **build time** (wall, one process each; infini-gram's includes writing its token stream) and
   **bytes per token** of everything each index stores;
-- **latency**, p50 and p99 over the same queries, each call timed alone:
-  ``count`` (``Index.count``; and, for comparison, the trace's own count through plain-array views
-  with a cached first-token block, :func:`~lmscope.index.trace.corpus_count`); ``locate`` (the first 10 occurrences with 32 tokens of context each: lmscope
-  ``locate`` + ``window``, infini-gram ``find`` + ``get_docs_by_ranks_2``; for n-grams with at most
-  10 occurrences the documents found must agree); the **∞-gram probability** of a document's next
-  token after a context of 1–30 tokens (lmscope ``infgram``, which also builds the whole next-token
-  distribution, vs ``infgram_prob``); and a **trace** of synthetic outputs (~100 tokens spliced from
-  corpus pieces and random ids): lmscope's full :func:`~lmscope.index.trace.trace_tokens` (spans,
-  10 sampled documents per span with context, BM25 ranking), lmscope's span step alone, and
-  infini-gram's ``attribute`` (OLMoTrace's span step in its engine: spans and document pointers,
-  no context, no ranking), whose spans are compared with lmscope's candidates.
+- **latency**, p50 and p99 over the same queries, each call timed alone: ``count``
+  (``Index.count`` vs ``count``); ``locate`` (the first 10 occurrences with 32 tokens of context
+  each: lmscope ``locate`` + ``window``, infini-gram ``find`` + ``get_docs_by_ranks_2``; for n-grams
+  with at most 10 occurrences the documents found must agree); the **∞-gram probability** of a
+  document's next token after a context of 1–30 tokens (``Index.infgram_prob`` vs
+  ``infgram_prob``: both count the one continuation; suffix lengths and probabilities must agree);
+  the **∞-gram distribution** after the same contexts (``Index.infgram`` vs ``infgram_ntd`` with
+  ``max_support`` above the corpus size, so that both are exact; the distributions must agree);
+  and a **trace** of synthetic outputs (~100 tokens spliced from corpus pieces and random ids):
+  lmscope's full :func:`~lmscope.index.trace.trace_tokens` (spans, 10 sampled documents per span
+  with context, BM25 ranking), lmscope's span step alone (``Index.longest_matches`` +
+  :func:`~lmscope.index.trace.maximal_spans`), and infini-gram's ``attribute`` (OLMoTrace's span
+  step in its engine: spans and document pointers, no context, no ranking), whose spans are
+  compared with lmscope's candidates.
 
 A warm-up pass over every query precedes the timed pass, so both read from the page cache.
 
@@ -45,7 +48,7 @@ import numpy as np
 
 from lmscope.data.tokenized import TokenizedCorpus, is_tokenized_corpus
 from lmscope.index import Index, build_index
-from lmscope.index.trace import corpus_count, longest_matches, maximal_spans, trace_tokens
+from lmscope.index.trace import maximal_spans, trace_tokens
 
 
 def default_corpus() -> Path:
@@ -203,11 +206,9 @@ def main() -> None:
         ours = [index.count(q) for q in queries]
         theirs = [engine.count(input_ids=q)["count"] for q in queries]
         mismatches = [(q, a, b) for q, a, b in zip(queries, ours, theirs) if a != b]
-        view_counts = [corpus_count(index, q) for q in queries]  # warms the first-token cache too
-        lm_count, view_count, ig_count = [], [], []
+        lm_count, ig_count = [], []
         for q in queries:
             lm_count.append(timed(lambda: index.count(q))[0])
-            view_count.append(timed(lambda: corpus_count(index, q))[0])
             ig_count.append(timed(lambda: engine.count(input_ids=q))[0])
 
         def lm_locate(q: list[int]) -> list[Any]:
@@ -235,19 +236,29 @@ def main() -> None:
             if c <= 10 and sorted(d for d, _ in mine) != sorted(r["doc_ix"] for r in theirs_docs):
                 locate_disagree += 1
 
-        lm_inf, ig_inf, agree = [], [], 0
-        for context, nxt in contexts:
-            index.infgram(context, next_token=nxt)
+        exact = n_tokens + len(corpus) + 1  # infini-gram's ntd samples past max_support occurrences: above the stream's size it is exact
+        for context, nxt in contexts:  # warm-up
+            index.infgram_prob(context, nxt)
             engine.infgram_prob(prompt_ids=context, cont_id=nxt)
+            index.infgram(context)
+            engine.infgram_ntd(prompt_ids=context, max_support=exact)
+        lm_prob, ig_prob, same_prob = [], [], 0
+        lm_ntd, ig_ntd, same_ntd = [], [], 0
         for context, nxt in contexts:
-            t_lm, mine = timed(lambda: index.infgram(context, next_token=nxt))
+            t_lm, mine = timed(lambda: index.infgram_prob(context, nxt))
             t_ig, theirs_p = timed(lambda: engine.infgram_prob(prompt_ids=context, cont_id=nxt))
-            lm_inf.append(t_lm)
-            ig_inf.append(t_ig)
-            agree += int(mine.suffix_length == theirs_p["suffix_len"] and abs((mine.probability or 0.0) - theirs_p["prob"]) < 1e-9)
+            lm_prob.append(t_lm)
+            ig_prob.append(t_ig)
+            same_prob += int(mine.suffix_length == theirs_p["suffix_len"] and abs((mine.probability or 0.0) - theirs_p["prob"]) < 1e-9)
+            t_lm, dist = timed(lambda: index.infgram(context))
+            t_ig, theirs_d = timed(lambda: engine.infgram_ntd(prompt_ids=context, max_support=exact))
+            lm_ntd.append(t_lm)
+            ig_ntd.append(t_ig)
+            their_counts = {int(t): int(r["cont_cnt"]) for t, r in theirs_d["result_by_token_id"].items()}
+            same_ntd += int(dist.suffix_length == theirs_d["suffix_len"] and not theirs_d["approx"] and dist.counts == their_counts)
 
         def lm_spans(tokens: list[int]) -> list[tuple[int, int]]:
-            lengths, counts = longest_matches(index, tokens)
+            lengths, counts = index.longest_matches(tokens)
             return [(a, b) for a, b in maximal_spans(lengths) if b - a >= 5 and counts[a] <= 10]
 
         lm_trace, lm_span, ig_attr, same_spans = [], [], [], 0
@@ -277,14 +288,10 @@ def main() -> None:
             },
             "bytes_per_token": {"lmscope": round(report.bytes / n_tokens, 3), "infini_gram": round(ig_bytes / n_tokens, 3)},
             "latency": {
-                "count": {
-                    "lmscope": percentiles(lm_count),
-                    "lmscope_array_views": percentiles(view_count),
-                    "infini_gram": percentiles(ig_count),
-                    "array_view_counts_identical": sum(int(a == b) for a, b in zip(view_counts, ours)),
-                },
+                "count": {"lmscope": percentiles(lm_count), "infini_gram": percentiles(ig_count)},
                 "locate_10_with_context": {"lmscope": percentiles(lm_loc), "infini_gram": percentiles(ig_loc), "document_sets_differing": locate_disagree},
-                "infgram_probability": {"lmscope": percentiles(lm_inf), "infini_gram": percentiles(ig_inf), "identical_answers": agree},
+                "infgram_probability": {"lmscope": percentiles(lm_prob), "infini_gram": percentiles(ig_prob), "identical_answers": same_prob},
+                "infgram_distribution": {"lmscope": percentiles(lm_ntd), "infini_gram": percentiles(ig_ntd), "identical_distributions": same_ntd},
                 "trace_100_tokens": {
                     "lmscope_full_trace": percentiles(lm_trace),
                     "lmscope_spans_only": percentiles(lm_span),

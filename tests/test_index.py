@@ -17,6 +17,7 @@ from index_fixtures import PHRASE, boundary_ngrams, build_planted_suite, naive_i
 from lmscope.cli import main
 from lmscope.errors import LmscopeError
 from lmscope.index import Index, Match, build_index
+from lmscope.index.search import scalar_reader
 from lmscope.index.suffix_array import suffix_array
 
 # --- fixtures -----------------------------------------------------------------------------
@@ -88,16 +89,23 @@ def test_locate_returns_exactly_the_brute_force_matches(small: dict, which: str)
         truth = naive_locate(docs, q)
         assert [(m.doc_index, m.offset) for m in found.matches] == truth and found.count == len(truth)
         assert all(m.doc_id == f"doc-{m.doc_index}" and m.length == len(q) for m in found.matches)
+        assert all((m.domain, m.split) == ("alpha" if m.doc_index % 2 else "beta", "train") for m in found.matches)
+        docs_of, offsets_of = index.occurrences(q)
+        assert list(zip(docs_of.tolist(), offsets_of.tolist())) == truth
     q = docs[0][:1]
     first = index.locate(q, limit=3)
     assert first.count == len(naive_locate(docs, q)) > 3 and first.truncated
     assert [(m.doc_index, m.offset) for m in first.matches] == naive_locate(docs, q)[:3]
+    picked = index.occurrences(q, ranks=np.arange(0, first.count, 2))  # every other occurrence in suffix-array order
+    assert len(picked[0]) == (first.count + 1) // 2 and set(zip(*(a.tolist() for a in picked))) <= set(naive_locate(docs, q))
+    with pytest.raises(LmscopeError, match="not all below"):
+        index.occurrences(q, ranks=[first.count])
 
 
 @pytest.mark.parametrize("which", ["one", "many"])
 @pytest.mark.parametrize("gather_limit", [1 << 16, 0])
 def test_infgram_equals_brute_force(small: dict, which: str, gather_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lmscope.index.query._GATHER_LIMIT", gather_limit)  # 0: every distribution by galloping over runs
+    monkeypatch.setattr("lmscope.index.search._GATHER_LIMIT", gather_limit)  # 0: every distribution by galloping over runs
     index, docs = small[which], small["docs"]
     rng = np.random.default_rng(5)
     contexts = [[], [0], docs[0][:12], docs[5][-3:], docs[10][:4] + [VOCAB - 1] * 5] + [rng.integers(0, VOCAB, size=8).tolist() for _ in range(8)]
@@ -109,6 +117,40 @@ def test_infgram_equals_brute_force(small: dict, which: str, gather_limit: int, 
         assert result.probability == pytest.approx(following[2] / sum(following.values()))
     last_of_a_document = docs[-1][-8:]  # its only occurrence ends a document: a shorter suffix must be used
     assert index.infgram(last_of_a_document).suffix_length == naive_infgram(docs, last_of_a_document)[0]
+
+
+@pytest.mark.parametrize("which", ["one", "many"])
+def test_infgram_prob_equals_brute_force(small: dict, which: str) -> None:
+    index, docs = small[which], small["docs"]
+    rng = np.random.default_rng(6)
+    contexts = [[], [0], docs[0][:12], docs[5][-3:], docs[-1][-8:], docs[10][:4] + [VOCAB - 1] * 5]
+    contexts += [rng.integers(0, VOCAB, size=int(rng.integers(1, 10))).tolist() for _ in range(10)]
+    for context in contexts:
+        length, following = naive_infgram(docs, context)
+        for token in range(VOCAB):  # every continuation, those never seen after the suffix too
+            result = index.infgram_prob(context, token)
+            assert (result.suffix_length, result.context_count, result.next_count) == (length, sum(following.values()), following[token]), (context, token)
+            assert result.probability == pytest.approx(following[token] / sum(following.values()))
+            assert result.suffix == context[len(context) - length :]
+    full = index.infgram(docs[0][:12], next_token=3)
+    one = index.infgram_prob(docs[0][:12], 3)
+    assert (one.suffix_length, one.context_count, one.next_count, one.probability) == (full.suffix_length, full.context_count, full.next_count, full.probability)
+    with pytest.raises(LmscopeError, match="token id 65535 in the next token"):
+        index.infgram_prob([1], 65535)
+
+
+def test_shards_are_read_through_memory_maps_not_copies(small: dict) -> None:
+    for shard in small["many"].shards:
+        for array in (shard.stream, shard.sa.entries, shard.starts):
+            assert type(array) is np.ndarray and isinstance(array.base, np.memmap) and not array.flags.owndata
+
+
+@pytest.mark.parametrize("dtype", ["<u2", ">u2", "<u4", ">u4"])
+def test_scalar_reads_answer_the_array_in_either_byte_order(dtype: str) -> None:
+    values = np.array([0, 1, 300, np.iinfo(dtype).max], dtype=dtype)
+    reader = scalar_reader(values)
+    assert [reader[j] for j in range(len(values))] == values.tolist()
+    assert isinstance(reader, memoryview) == np.dtype(dtype).isnative  # the fast path where the bytes allow it
 
 
 def test_window_clips_to_the_document(small: dict) -> None:
@@ -132,7 +174,10 @@ def test_wide_corpora(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         for q in queries(docs, 5, seed=8, n=15) + boundary_ngrams(docs)[:10]:
             assert index.count(q) == len(naive_locate(docs, q))
         for context in ([], docs[2][:6]):
-            assert index.infgram(context).counts == dict(naive_infgram(docs, context)[1])
+            length, following = naive_infgram(docs, context)
+            assert index.infgram(context).counts == dict(following)
+            token = max(following, key=lambda t: (following[t], t))
+            assert (index.infgram_prob(context, token).suffix_length, index.infgram_prob(context, token).next_count) == (length, following[token])
     # five-byte suffix-array entries, as shards past 2^32 positions store them
     monkeypatch.setattr("lmscope.index.build.suffix_array_width", lambda n: 5)
     docs = random_docs(9, 20, VOCAB, 120)
@@ -140,6 +185,11 @@ def test_wide_corpora(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert {s.info.sa_width for s in index.shards} == {5}
     for q in queries(docs, VOCAB, seed=10, n=15):
         assert [(m.doc_index, m.offset) for m in index.locate(q, limit=None).matches] == naive_locate(docs, q)
+        assert index.count(q) == len(naive_locate(docs, q))
+    for context in ([], docs[2][:6], docs[-1][-5:]):
+        length, following = naive_infgram(docs, context)
+        assert (index.infgram(context).suffix_length, index.infgram(context).counts) == (length, dict(following))
+        assert index.infgram_prob(context, 1).next_count == following[1]
 
 
 def test_uint16_index_takes_at_most_7_bytes_per_token(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from index_fixtures import PHRASE, build_planted_suite, naive_locate, random_doc
 from lmscope.cli import main
 from lmscope.errors import LmscopeError
 from lmscope.index import Index, build_index
-from lmscope.index.trace import TraceSettings, bm25_scores, count_many, longest_matches, maximal_spans, trace_text, trace_tokens
+from lmscope.index.trace import TraceSettings, bm25_scores, maximal_spans, trace_text, trace_tokens
 from lmscope.index.trace_html import render_trace_html
 
 VOCAB = 10
@@ -135,13 +135,13 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 @pytest.mark.parametrize("which", ["one", "many", "five"])
 @pytest.mark.parametrize("scan_limit", [0, 256, 1 << 40])  # every block narrowed by binary search / the default / every block compared at once
 def test_longest_matches_equal_brute_force(small: dict, which: str, scan_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lmscope.index.trace._SCAN_LIMIT", scan_limit)
+    monkeypatch.setattr("lmscope.index.search._SCAN_LIMIT", scan_limit)
     index, docs = small[which], small["docs"]
     for tokens in outputs(docs, seed=1, n=6) + [docs[-1][-6:] + [0, 0, 0], [VOCAB - 1] * 3]:
-        lengths, counts = longest_matches(index, tokens)
+        lengths, counts = index.longest_matches(tokens)
         truth = naive_longest(docs, tokens)
         assert list(zip(lengths.tolist(), counts.tolist())) == truth, tokens
-        capped, capped_counts = longest_matches(index, tokens, cap=3)
+        capped, capped_counts = index.longest_matches(tokens, cap=3)
         assert capped.tolist() == [min(length, 3) for length, _ in truth]
         assert capped_counts.tolist() == [len(naive_locate(docs, tokens[i : i + c])) if c else 0 for i, c in enumerate(capped.tolist())]
     assert max(length for tokens in outputs(docs, 1, 6) for length, _ in naive_longest(docs, tokens)) >= 10  # long matches are covered
@@ -154,11 +154,11 @@ def test_count_many_equals_brute_force(small: dict, which: str) -> None:
     for n in (1, 3, 6):
         present = [doc[o : o + n] for doc in docs for o in range(0, len(doc) - n + 1, 7)]
         grams = present + [docs[-1][-n:]] + rng.integers(0, VOCAB, size=(40, n)).tolist()  # the stream's last tokens too
-        counts = count_many(index, np.asarray(grams), rows_per_batch=17)
+        counts = index.count_many(np.asarray(grams), rows_per_batch=17)
         assert counts.tolist() == [len(naive_locate(docs, g)) for g in grams], n
-    assert count_many(index, np.zeros((0, 4), dtype=np.int64)).tolist() == []
+    assert index.count_many(np.zeros((0, 4), dtype=np.int64)).tolist() == []
     with pytest.raises(LmscopeError) as err:
-        count_many(index, np.asarray([[1, VOCAB]]))
+        index.count_many(np.asarray([[1, VOCAB]]))
     assert f"token id {VOCAB} in the n-grams" in _sentence(err)
 
 

@@ -17,14 +17,20 @@
   (suffix array) bytes per token, plus one separator per document and 8 bytes of document
   start: about 6.1 bytes per token for documents of a few hundred tokens (infini-gram's bound
   is 7). Every file is read through ``np.memmap``.
-- *Queries.* ``count``: two binary searches per shard for the block of suffixes that start with
-  the query, summed over shards. ``locate``: the positions in those blocks, mapped to
-  (document, offset) and listed in corpus order. ``infgram``: the longest suffix of the context
-  that occurs followed by a token of the same document (found by bisection over the suffix
-  length, since a suffix that occurs implies all shorter ones do), then the counts of the
-  tokens that follow it: inside the suffix's block the suffixes are sorted by that next token,
-  so the counts are read in one gather for small blocks, by galloping over each run otherwise.
-  ``window``: a document's tokens around a match (decoded when the tokenizer is at hand).
+- *Queries.* (:mod:`lmscope.index.search`.) ``count``: the block of suffixes that start with the
+  query, found from the cached block of its first token by narrowing one token at a time (two
+  binary searches on one token each), summed over shards. ``locate``: the positions in those
+  blocks, mapped to (document, offset) and listed in corpus order. ``infgram``: the longest
+  suffix of the context that occurs followed by a token of the same document (found by
+  bisection over the suffix length, since a suffix that occurs implies all shorter ones do),
+  then the counts of the tokens that follow it: inside the suffix's block the suffixes are
+  sorted by that next token, so ``infgram_prob`` counts one continuation with one more binary
+  search, and ``infgram`` reads the whole distribution in one gather for small blocks, by
+  galloping over each run otherwise. ``longest_matches``: for each start of a sequence, its
+  longest prefix that occurs (what ``lmscope trace`` builds on). The searches read the
+  memory-mapped files through plain arrays and ``memoryview`` s, not ``np.memmap``, whose
+  per-call overhead would dominate. ``window``: a document's tokens around a match (decoded
+  when the tokenizer is at hand).
 - *Sharding.* ``shard_tokens`` corpus tokens per shard at most (cut at document boundaries; a
   longer document gets its own shard). Each shard is built alone, so a corpus larger than
   memory builds shard by shard; building one needs about 16 bytes of memory per token
@@ -39,14 +45,15 @@
   match, its first exposure and how many times checkpoint ``stepN`` had seen it (steps < N).
 
 Entry points: :func:`build_index`, :meth:`Index.open` with :meth:`~Index.count`,
-:meth:`~Index.locate`, :meth:`~Index.infgram`, :meth:`~Index.window`, :meth:`~Index.exposures`;
-the ``lmscope index`` command.
+:meth:`~Index.locate`, :meth:`~Index.infgram`, :meth:`~Index.infgram_prob`,
+:meth:`~Index.longest_matches`, :meth:`~Index.window`, :meth:`~Index.exposures`; the
+``lmscope index`` command.
 """
 
 from lmscope.index.build import BuildReport, build_index, open_corpus, plan_shards
 from lmscope.index.exposures import MatchExposures, match_exposures
 from lmscope.index.layout import DEFAULT_SHARD_TOKENS
-from lmscope.index.query import Index, Locations, Match, NextTokens, Window
+from lmscope.index.query import Index, Locations, Match, NextTokenProbability, NextTokens, Shard, Window
 
 __all__ = [
     "DEFAULT_SHARD_TOKENS",
@@ -55,7 +62,9 @@ __all__ = [
     "Locations",
     "Match",
     "MatchExposures",
+    "NextTokenProbability",
     "NextTokens",
+    "Shard",
     "Window",
     "build_index",
     "match_exposures",

@@ -1,7 +1,9 @@
-"""Queries over a built index: count, locate, ∞-gram next-token distributions, document windows.
+"""Queries over a built index: count, locate, ∞-gram next-token distributions and probabilities, longest matches, document windows.
 
-Every query runs shard by shard and combines the answers: counts add up, matches are listed
-in corpus order (shards hold consecutive documents), next-token counts add up.
+Every query runs shard by shard (the searches are :class:`lmscope.index.search.ShardSearch`) and
+combines the answers: counts add up, matches are listed in corpus order (shards hold consecutive
+documents), next-token counts add up, a longest match is the longest of the shards' with the
+counts of the shards that reach it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmscope.errors import LmscopeError
@@ -28,10 +31,8 @@ from lmscope.index.layout import (
     read_manifest,
     stream_dtype_of,
 )
+from lmscope.index.search import ShardSearch
 from lmscope.index.suffix_array import StoredSuffixArray
-
-_GATHER_LIMIT = 1 << 16
-"""Up to this many occurrences, next tokens are read in one vectorized gather; beyond, by galloping over the sorted run of each."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,45 @@ class NextTokens:
 
 
 @dataclass
+class NextTokenProbability:
+    """The ∞-gram probability of one next token (:meth:`Index.infgram_prob`): :class:`NextTokens` without the distribution.
+
+    Attributes:
+        context: the context given.
+        suffix_length: tokens of the longest suffix of the context that occurs followed by a token (0: none does, unigram counts).
+        context_count: occurrences of that suffix followed by a token of the same document.
+        next_token: the token asked about.
+        next_count: its occurrences after the suffix.
+    """
+
+    context: list[int]
+    suffix_length: int
+    context_count: int
+    next_token: int
+    next_count: int
+
+    @property
+    def suffix(self) -> list[int]:
+        return self.context[len(self.context) - self.suffix_length :]
+
+    @property
+    def probability(self) -> float | None:
+        """``next_count / context_count``, or ``None`` when nothing follows (an empty corpus)."""
+        return self.next_count / self.context_count if self.context_count else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "context": self.context,
+            "suffix_length": self.suffix_length,
+            "suffix": self.suffix,
+            "context_count": self.context_count,
+            "next_token": self.next_token,
+            "next_count": self.next_count,
+            "probability": self.probability,
+        }
+
+
+@dataclass
 class Window:
     """Tokens of a document around a match.
 
@@ -176,10 +216,21 @@ class Window:
         return out
 
 
-class _Shard:
-    """One shard opened for reading: its stream, suffix array and document starts (memmaps)."""
+class Shard:
+    """One shard of an index opened for reading.
 
-    def __init__(self, root: Path, info: ShardInfo, dtype: np.dtype) -> None:
+    Attributes:
+        info: its record in the manifest (document range, positions, suffix-array width).
+        stream: its token stream, ``n`` positions of the index's stream dtype, each document
+            preceded by the separator — a plain ``np.ndarray`` view of the file's ``np.memmap``
+            (no copy: only the pages read are loaded; see :mod:`lmscope.index.search` for why not the memmap itself).
+        sa: its suffix array (:class:`~lmscope.index.suffix_array.StoredSuffixArray`).
+        starts: ``uint64`` stream position of each of its documents' first token, likewise a view.
+        n: positions in ``stream``.
+        search: the suffix-array searches over it (:class:`~lmscope.index.search.ShardSearch`).
+    """
+
+    def __init__(self, root: Path, info: ShardInfo, dtype: np.dtype, separator: int) -> None:
         self.info = info
         directory = root / info.name
         for name in (TOKENS_FILE, SUFFIX_ARRAY_FILE, DOC_STARTS_FILE):
@@ -189,110 +240,33 @@ class _Shard:
         size = (directory / TOKENS_FILE).stat().st_size
         if size != n * dtype.itemsize:
             raise LmscopeError(f"{directory / TOKENS_FILE} holds {size} bytes, not the {n * dtype.itemsize} its manifest says; build the index again.")
-        self.stream = np.memmap(directory / TOKENS_FILE, dtype=dtype, mode="r", shape=(n,))
+        self.stream = _mapped(directory / TOKENS_FILE, dtype, n)
         self.sa = StoredSuffixArray(directory / SUFFIX_ARRAY_FILE, n, info.sa_width)
         n_docs = info.doc_stop - info.doc_start
         size = (directory / DOC_STARTS_FILE).stat().st_size
         if size != n_docs * 8:
             raise LmscopeError(f"{directory / DOC_STARTS_FILE} holds {size} bytes, not the {n_docs * 8} its manifest says; build the index again.")
-        self.starts = np.memmap(directory / DOC_STARTS_FILE, dtype="<u8", mode="r", shape=(n_docs,))
+        self.starts = _mapped(directory / DOC_STARTS_FILE, np.dtype("<u8"), n_docs)
         self.n = n
+        self.search = ShardSearch(self.stream, self.sa, separator)
 
-    # --- binary searches over the suffix array ---------------------------------------------
-
-    def _compare(self, i: int, pattern: np.ndarray) -> int:
-        """-1, 0 or 1 as suffix ``SA[i]`` sorts before the pattern, starts with it, or sorts after it."""
-        pos = self.sa[i]
-        segment = self.stream[pos : pos + len(pattern)]
-        k = len(segment)
-        differ = np.flatnonzero(segment != pattern[:k])
-        if len(differ):
-            j = differ[0]
-            return -1 if segment[j] < pattern[j] else 1
-        return 0 if k == len(pattern) else -1
-
-    def bound(self, pattern: np.ndarray, after: bool, lo: int = 0, hi: int | None = None) -> int:
-        """The first suffix-array index in ``[lo, hi)`` whose suffix is ≥ the pattern (``after``: > every suffix starting with it)."""
-        hi = self.n if hi is None else hi
-        limit = 0 if after else -1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self._compare(mid, pattern) <= limit:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
-
-    def range(self, pattern: np.ndarray) -> tuple[int, int]:
-        """``[lo, hi)``: the suffix-array indices of the suffixes that start with ``pattern``."""
-        lo = self.bound(pattern, after=False)
-        return lo, self.bound(pattern, after=True, lo=lo)
-
-    def continued_range(self, suffix: np.ndarray, separator: int) -> tuple[int, int]:
-        """``[lo, hi)``: occurrences of ``suffix`` followed by a token of the same document.
-
-        Inside the range of ``suffix``, suffixes are sorted by the token that follows: the one
-        that ends the stream (nothing follows) comes first, those followed by the separator last.
-        """
-        lo = self.bound(suffix, after=False)
-        hi = self.bound(np.append(suffix, np.asarray(separator, dtype=suffix.dtype)), after=False, lo=lo)
-        if lo < hi and len(suffix) and self.sa[lo] + len(suffix) == self.n:
-            lo += 1
-        return lo, hi
-
-    # --- next tokens -----------------------------------------------------------------------
-
-    def next_token_counts(self, lo: int, hi: int, shift: int, separator: int, counts: Counter[int]) -> None:
-        """Add to ``counts`` the token at offset ``shift`` of every suffix ``SA[lo:hi]`` (a continued range)."""
-        if hi <= lo:
-            return
-        if shift == 0 and hi - lo == self.n - len(self.starts):  # every token of the shard: a plain histogram
-            histogram = np.zeros(1 << 16, dtype=np.int64) if self.stream.dtype.itemsize == 2 else None
-            for start in range(0, self.n, 1 << 24):
-                chunk = np.asarray(self.stream[start : start + (1 << 24)])
-                if histogram is not None:
-                    histogram += np.bincount(chunk, minlength=1 << 16)
-                    continue
-                values, occurrences = np.unique(chunk[chunk != separator], return_counts=True)
-                counts.update(dict(zip(values.tolist(), occurrences.tolist())))
-            if histogram is not None:
-                histogram[separator] = 0
-                values = np.flatnonzero(histogram)
-                counts.update(dict(zip(values.tolist(), histogram[values].tolist())))
-            return
-        if hi - lo <= _GATHER_LIMIT:
-            values, occurrences = np.unique(np.asarray(self.stream[self.sa.slice(lo, hi) + shift]), return_counts=True)
-            counts.update(dict(zip(values.tolist(), occurrences.tolist())))
-            return
-
-        def token(i: int) -> int:
-            return int(self.stream[self.sa[i] + shift])
-
-        i = lo
-        while i < hi:  # next tokens are sorted inside the range: gallop to the end of each run
-            value, last, step = token(i), i, 1
-            while i + step < hi and token(i + step) == value:
-                last, step = i + step, step * 2
-            a, b = last + 1, min(i + step, hi)
-            while a < b:
-                mid = (a + b) // 2
-                if token(mid) == value:
-                    a = mid + 1
-                else:
-                    b = mid
-            counts[value] += a - i
-            i = a
-
-    def locate(self, position: int) -> tuple[int, int]:
-        """(document index within the shard, offset in it) of a stream position."""
-        local = int(np.searchsorted(self.starts, position, side="right")) - 1
-        return local, position - int(self.starts[local])
+    def documents_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(corpus document index, offset in it)`` of stream positions (``int64``, each inside a document)."""
+        local = np.searchsorted(self.starts, positions.astype(np.uint64), side="right").astype(np.int64) - 1
+        return self.info.doc_start + local, positions - self.starts[local].astype(np.int64)
 
     def document_span(self, local: int) -> tuple[int, int]:
         """Stream positions ``[start, stop)`` of the shard's ``local``-th document."""
         start = int(self.starts[local])
         stop = int(self.starts[local + 1]) - 1 if local + 1 < len(self.starts) else self.n
         return start, stop
+
+
+def _mapped(path: Path, dtype: np.dtype, n: int) -> np.ndarray:
+    """``n`` values of ``dtype`` in ``path``: a plain ndarray over the file's memory map (empty files are not mapped)."""
+    if n == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r", shape=(n,)))
 
 
 class Index:
@@ -304,7 +278,7 @@ class Index:
             the tokenizer the corpus was tokenized with (as its manifest names it).
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], shards: list[_Shard], documents: pa.Table, tokenizer: str | None) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], shards: list[Shard], documents: pa.Table, tokenizer: str | None) -> None:
         self.path = path
         self.manifest = manifest
         self.shards = shards
@@ -316,6 +290,7 @@ class Index:
         self._doc_starts = [shard.info.doc_start for shard in shards]
         self._encoder: Any = None
         self._decoder: Any = None
+        self._fields: tuple[pa.Array, list[tuple[np.ndarray, list[str]]]] | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], tokenizer: str | None = None) -> Index:
@@ -337,7 +312,7 @@ class Index:
             documents = pq.read_table(path / DOCUMENTS_FILE)
         except (pa.ArrowException, OSError) as err:
             raise LmscopeError(f"{path / DOCUMENTS_FILE} could not be read ({str(err).splitlines()[0]}); build the index again.") from None
-        shards = [_Shard(path, info, dtype) for info in infos]
+        shards = [Shard(path, info, dtype, int(manifest["separator"])) for info in infos]
         return cls(path, manifest, shards, documents, tokenizer)
 
     # --- corpus facts ----------------------------------------------------------------------
@@ -376,31 +351,165 @@ class Index:
 
     # --- queries ---------------------------------------------------------------------------
 
+    def check_tokens(self, tokens: Any, what: str = "token sequence", allow_empty: bool = False) -> np.ndarray:
+        """``tokens`` as a 1-D array of the stream dtype, once checked to be token ids of the corpus's vocabulary.
+
+        Args:
+            tokens: a sequence (or array) of integer token ids.
+            what: how the error names them (e.g. ``"output to trace"``).
+            allow_empty: accept an empty sequence.
+
+        Raises :class:`LmscopeError` (one sentence) for text, non-integers, nesting, an empty
+        sequence (unless allowed) or an id outside the vocabulary.
+        """
+        if isinstance(tokens, str):
+            raise LmscopeError(f"the {what} is text ({tokens!r}); encode it first (Index.encode, or --text on the command line).")
+        try:
+            values = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens)
+        except TypeError:
+            raise LmscopeError(f"the {what} {tokens!r} is not a sequence of token ids; give a list of integers.") from None
+        if values.size == 0:
+            if allow_empty:
+                return np.zeros(0, dtype=self.dtype)
+            raise LmscopeError(f"the {what} is empty; give at least one token id.")
+        if values.ndim != 1 or values.dtype.kind not in "iu":
+            raise LmscopeError(f"the {what} {values.tolist()!r} is not a flat sequence of integer token ids; give a list of integers.")
+        bad = values[(values < 0) | (values >= self.vocab_size)]
+        if len(bad):
+            raise LmscopeError(
+                f"token id {int(bad[0])} in the {what} is outside the vocabulary of the index's corpus (ids 0 … {self.vocab_size - 1}); "
+                "check the ids, or give text instead."
+            )
+        return values.astype(self.dtype)
+
     def count(self, tokens: Any) -> int:
         """Occurrences of the token sequence in the corpus (never across two documents)."""
-        pattern = self._query(tokens, "token sequence to count")
-        return sum(hi - lo for lo, hi in (shard.range(pattern) for shard in self.shards))
+        pattern = self.check_tokens(tokens, "token sequence to count").tolist()
+        return sum(hi - lo for lo, hi in (shard.search.block(pattern) for shard in self.shards))
 
     def locate(self, tokens: Any, limit: int | None = 100) -> Locations:
         """Every occurrence's count, and the first ``limit`` (``None``: all) in corpus order as :class:`Match` es.
 
         Reading the matches of one shard costs memory for all its occurrences (8 bytes each).
         """
-        pattern = self._query(tokens, "token sequence to locate")
+        pattern = self.check_tokens(tokens, "token sequence to locate").tolist()
         if limit is not None and (isinstance(limit, bool) or limit < 0):
             raise LmscopeError(f"--limit {limit!r} is negative; give a number of matches ≥ 0.")
-        count, found = 0, []
+        count, docs, offsets = 0, [], []
         for shard in self.shards:
-            lo, hi = shard.range(pattern)
+            lo, hi = shard.search.block(pattern)
             count += hi - lo
-            wanted = (hi - lo) if limit is None else min(hi - lo, limit - len(found))
+            wanted = (hi - lo) if limit is None else min(hi - lo, limit - sum(map(len, docs)))
             if wanted <= 0:
                 continue
-            positions = np.sort(shard.sa.slice(lo, hi))[:wanted]
-            local = np.searchsorted(shard.starts, positions.astype(np.uint64), side="right").astype(np.int64) - 1
-            offsets = positions - shard.starts[local].astype(np.int64)
-            found += [(shard.info.doc_start + d, o) for d, o in zip(local.tolist(), offsets.tolist())]
-        return Locations(pattern.tolist(), count, self._matches(found, len(pattern)))
+            positions = shard.search.positions(lo, hi)
+            if wanted < len(positions):  # the first ``wanted`` in stream order, without sorting them all
+                positions = np.partition(positions, wanted - 1)[:wanted]
+            d, o = shard.documents_at(np.sort(positions))
+            docs.append(d)
+            offsets.append(o)
+        return Locations(pattern, count, self.matches_at(_joined(docs), _joined(offsets), len(pattern)))
+
+    def occurrences(self, tokens: Any, ranks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(doc_index, offset)``: two ``int64`` arrays of the occurrences of ``tokens``, in corpus order.
+
+        Args:
+            tokens: the token sequence.
+            ranks: only these occurrences (distinct 0-based ranks in suffix-array order, shard by
+                shard, each below :meth:`count`); all of them by default.
+        """
+        pattern = self.check_tokens(tokens).tolist()
+        picked = None if ranks is None else np.asarray(ranks, dtype=np.int64).reshape(-1)
+        docs, offsets, seen = [], [], 0
+        for shard in self.shards:
+            lo, hi = shard.search.block(pattern)
+            if picked is None:
+                positions = shard.search.positions(lo, hi)
+            else:
+                mine = picked[(picked >= seen) & (picked < seen + hi - lo)] - seen
+                positions = shard.sa.take(lo + mine)
+            seen += hi - lo
+            if len(positions):
+                d, o = shard.documents_at(np.sort(positions))
+                docs.append(d)
+                offsets.append(o)
+        if picked is not None and len(picked) and not (0 <= int(picked.min()) and int(picked.max()) < seen):
+            raise LmscopeError(f"occurrence ranks {int(picked.min())} … {int(picked.max())} are not all below the {seen} occurrences; give ranks 0 … {seen - 1}.")
+        return _joined(docs), _joined(offsets)
+
+    def matches_at(self, docs: Any, offsets: Any, length: int) -> list[Match]:
+        """:class:`Match` es of ``length`` tokens at ``(docs[k], offsets[k])`` (corpus document index, token offset), with their documents' id, domain and split."""
+        rows = np.asarray(docs, dtype=np.int64).reshape(-1)
+        if not len(rows):
+            return []
+        ids, coded = self._document_fields()
+        names = [ids.take(pa.array(rows)).to_pylist()] + [[labels[c] for c in codes[rows].tolist()] for codes, labels in coded]
+        return [Match(d, o, length, i, dom, sp) for d, o, i, dom, sp in zip(rows.tolist(), np.asarray(offsets).tolist(), *names)]
+
+    def _document_fields(self) -> tuple[pa.Array, list[tuple[np.ndarray, list[str]]]]:
+        """The ``id`` column as one Arrow array, and ``domain`` and ``split`` as (``int32`` code per document, labels), built on first use.
+
+        A :class:`Match` reads three fields of one document; through the table that costs an Arrow
+        ``take`` of every column per call, which made listing 10 matches slower than finding them.
+        """
+        if self._fields is None:
+            ids = self.documents.column("id").combine_chunks()
+            coded = []
+            for name in ("domain", "split"):
+                encoded = pc.dictionary_encode(self.documents.column(name)).combine_chunks()
+                coded.append((encoded.indices.to_numpy(zero_copy_only=False), [str(v) for v in encoded.dictionary.to_pylist()]))
+            self._fields = (ids, coded)
+        return self._fields
+
+    def count_many(self, grams: Any, *, rows_per_batch: int = 1 << 15) -> np.ndarray:
+        """Corpus counts of many token sequences of one length (``[M, n]``): ``M`` ``int64`` counts.
+
+        The same answers as :meth:`count` for each row, by binary searches run side by side on
+        whole arrays (:meth:`~lmscope.index.search.ShardSearch.bounds`), at a fraction of the cost
+        per row when ``M`` is large (contamination checks count every n-gram of a document).
+        """
+        table = np.asarray(grams)
+        if table.ndim != 2 or table.shape[1] == 0:
+            raise LmscopeError(f"n-grams of shape {table.shape} are not [M, n] with n ≥ 1; stack sequences of one length.")
+        counts = np.zeros(len(table), dtype=np.int64)
+        if not len(table):
+            return counts
+        checked = self.check_tokens(table.reshape(-1), "n-grams").astype(np.int64).reshape(table.shape)
+        for start in range(0, len(checked), rows_per_batch):
+            part = checked[start : start + rows_per_batch]
+            for shard in self.shards:
+                lo, hi = shard.search.bounds(part)
+                counts[start : start + len(part)] += hi - lo
+        return counts
+
+    def longest_matches(self, tokens: Any, *, cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        r"""For every start ``i``: :math:`\ell_i`, the length of the longest prefix of ``tokens[i:]`` that occurs in the corpus, and its count.
+
+        Args:
+            tokens: the token ids.
+            cap: stop extending at this length (lengths are then ``min(ℓ_i, cap)``, counts those of the capped prefix).
+
+        Returns:
+            ``(lengths, counts)``, two ``int64`` arrays of ``len(tokens)``; a token that never
+            occurs gives length 0 and count 0.
+        """
+        query = self.check_tokens(tokens).astype(np.int64)
+        size = len(query)
+        lengths = np.zeros(size, dtype=np.int64)
+        counts = np.zeros(size, dtype=np.int64)
+        if cap is not None and cap <= 0:
+            return lengths, counts
+        for i in range(size):
+            stop = size if cap is None else min(size, i + int(cap))
+            best, total = 0, 0
+            for shard in self.shards:
+                length, count = shard.search.longest(query, i, stop)
+                if length > best:
+                    best, total = length, count
+                elif length == best and length:
+                    total += count
+            lengths[i], counts[i] = best, total
+        return lengths, counts
 
     def infgram(self, context: Any, next_token: int | None = None) -> NextTokens:
         """The ∞-gram: the next-token distribution after the longest suffix of ``context`` that occurs followed by a token.
@@ -409,30 +518,46 @@ class Index:
         shorter one does); an empty context, or one whose last token never occurs, gives the
         unigram distribution (``suffix_length`` 0). Ends of documents are never followed.
         """
-        ctx = self._query(context, "context", allow_empty=True)
+        ctx = self.check_tokens(context, "context", allow_empty=True)
         if next_token is not None:
-            next_token = int(self._query([next_token], "next token")[0])
+            next_token = int(self.check_tokens([next_token], "next token")[0])
+        length, blocks = self._longest_continued(ctx.tolist())
+        counts: Counter[int] = Counter()
+        for shard, (a, b) in zip(self.shards, blocks):
+            shard.search.next_token_counts(a, b, length, counts)
+        ordered = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+        return NextTokens(ctx.tolist(), length, sum(b - a for a, b in blocks), ordered, next_token)
 
-        def continued(length: int) -> int:
-            suffix = ctx[len(ctx) - length :]
-            return sum(hi - lo for lo, hi in (shard.continued_range(suffix, self.separator) for shard in self.shards))
+    def infgram_prob(self, context: Any, next_token: int) -> NextTokenProbability:
+        """The ∞-gram probability of ``next_token`` after ``context``: :meth:`infgram`'s answer for one token, without building the distribution.
+
+        The same suffix and counts as :meth:`infgram`; the count of ``next_token`` is one more
+        binary search per shard (inside the suffix's occurrences, they are sorted by the next token).
+        """
+        ctx = self.check_tokens(context, "context", allow_empty=True)
+        token = int(self.check_tokens([next_token], "next token")[0])
+        length, blocks = self._longest_continued(ctx.tolist())
+        found = sum(shard.search.next_token_count(a, b, length, token) for shard, (a, b) in zip(self.shards, blocks))
+        return NextTokenProbability(ctx.tolist(), length, sum(b - a for a, b in blocks), token, found)
+
+    def _longest_continued(self, ctx: list[int]) -> tuple[int, list[tuple[int, int]]]:
+        """The length of the longest suffix of ``ctx`` that occurs followed by a token, and its continued block in each shard."""
+        tried: dict[int, list[tuple[int, int]]] = {}
+
+        def blocks(length: int) -> list[tuple[int, int]]:
+            if length not in tried:
+                suffix = ctx[len(ctx) - length :]
+                tried[length] = [shard.search.continued_block(suffix) for shard in self.shards]
+            return tried[length]
 
         lo, hi = 0, len(ctx)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if continued(mid) > 0:
+            if any(b > a for a, b in blocks(mid)):
                 lo = mid
             else:
                 hi = mid - 1
-        suffix = ctx[len(ctx) - lo :]
-        counts: Counter[int] = Counter()
-        total = 0
-        for shard in self.shards:
-            a, b = shard.continued_range(suffix, self.separator)
-            total += b - a
-            shard.next_token_counts(a, b, lo, self.separator, counts)
-        ordered = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
-        return NextTokens(ctx.tolist(), lo, total, ordered, next_token)
+        return lo, blocks(lo)
 
     def document_tokens(self, doc_index: int) -> np.ndarray:
         """The tokens of document ``doc_index`` (a view of the index's stream)."""
@@ -455,7 +580,7 @@ class Index:
             )
         start, stop = max(0, match.offset - before), min(len(tokens), match.offset + match.length + after)
         ids = np.asarray(tokens[start:stop]).tolist()
-        doc_id = str(self.documents.column("id")[match.doc_index].as_py())
+        doc_id = str(self._document_fields()[0][match.doc_index].as_py())
         window = Window(match.doc_index, doc_id, start, stop, match.offset, match.offset + match.length, ids)
         if decode:
             a, b = match.offset - start, match.offset - start + match.length
@@ -512,36 +637,13 @@ class Index:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _query(self, tokens: Any, what: str, allow_empty: bool = False) -> np.ndarray:
-        if isinstance(tokens, str):
-            raise LmscopeError(f"the {what} is text ({tokens!r}); encode it first (Index.encode, or --text on the command line).")
-        try:
-            values = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens)
-        except TypeError:
-            raise LmscopeError(f"the {what} {tokens!r} is not a sequence of token ids; give a list of integers.") from None
-        if values.size == 0:
-            if allow_empty:
-                return np.zeros(0, dtype=self.dtype)
-            raise LmscopeError(f"the {what} is empty; give at least one token id.")
-        if values.ndim != 1 or values.dtype.kind not in "iu":
-            raise LmscopeError(f"the {what} {values.tolist()!r} is not a flat sequence of integer token ids; give a list of integers.")
-        bad = values[(values < 0) | (values >= self.vocab_size)]
-        if len(bad):
-            raise LmscopeError(
-                f"token id {int(bad[0])} in the {what} is outside the vocabulary of the index's corpus (ids 0 … {self.vocab_size - 1}); "
-                "check the ids, or give text instead."
-            )
-        return values.astype(self.dtype)
-
-    def _shard_of(self, doc_index: int) -> tuple[_Shard, int]:
+    def _shard_of(self, doc_index: int) -> tuple[Shard, int]:
         if isinstance(doc_index, bool) or not isinstance(doc_index, (int, np.integer)) or not 0 <= doc_index < self.n_documents:
             raise LmscopeError(f"document index {doc_index!r} is out of range; the index holds documents 0 … {self.n_documents - 1}.")
         k = bisect.bisect_right(self._doc_starts, int(doc_index)) - 1
         return self.shards[k], int(doc_index) - self.shards[k].info.doc_start
 
-    def _matches(self, found: list[tuple[int, int]], length: int) -> list[Match]:
-        if not found:
-            return []
-        rows = self.documents.take(pa.array([d for d, _ in found], pa.int64()))
-        ids, domains, splits = (rows.column(name).to_pylist() for name in ("id", "domain", "split"))
-        return [Match(d, o, length, i, dom, s) for (d, o), i, dom, s in zip(found, ids, domains, splits)]
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The ``int64`` arrays ``parts`` end to end."""
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

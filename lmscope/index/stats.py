@@ -17,7 +17,7 @@ r"""Corpus statistics over an index: term frequency by training step, top n-gram
 - :func:`contamination` — the fraction of an evaluation set's documents that share at least one
   n-gram (13 tokens by default, as in GPT-3's and PaLM's contamination studies) with the corpus,
   and per document the fraction of its n-grams found and of its tokens they cover. The distinct
-  n-grams of a document are counted together (:func:`lmscope.index.trace.count_many`: the binary
+  n-grams of a document are counted together (:meth:`lmscope.index.Index.count_many`: the binary
   searches of all of them advance side by side on whole arrays). Matches inside the evaluated
   document itself are never counted; with ``against_split``, only matches in that split are.
 """
@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from lmscope.errors import LmscopeError
-from lmscope.index.trace import count_many, occurrence_positions
 from lmscope.progress import Progress, no_progress
 
 TOP_NGRAM_MAX_N = 16
@@ -157,8 +156,8 @@ def term_frequency(index: Any, tokens: Any, *, suite: Any = None, steps: Any = N
             the suite's saved checkpoints (``suite.json``), else its last step.
         text: the term as text, for display only.
     """
-    pattern = index._query(tokens, "term")
-    docs, offsets = occurrence_positions(index, pattern)
+    pattern = index.check_tokens(tokens, "term")
+    docs, offsets = index.occurrences(pattern)
     splits = index.documents.column("split").to_numpy(zero_copy_only=False)
     values, counts = np.unique(splits[docs].astype(str), return_counts=True) if len(docs) else (np.array([]), np.array([]))
     result = TermFrequency(
@@ -614,10 +613,10 @@ def contamination(
             results.append(DocumentOverlap(document.id, size, 0, 0, 0))
             progress("documents checked", 1, len(documents))
             continue
-        tokens = index._query(document.tokens, f"evaluation document {document.id!r}").astype(np.int64)
+        tokens = index.check_tokens(document.tokens, f"evaluation document {document.id!r}").astype(np.int64)
         grams = np.lib.stride_tricks.sliding_window_view(tokens, n)
         distinct, inverse = np.unique(grams, axis=0, return_inverse=True)
-        counts = count_many(index, distinct)[inverse.ravel()]
+        counts = index.count_many(distinct)[inverse.ravel()]
         found = counts > 0
         if in_split is not None or document.doc_index is not None:
             own: Counter[tuple[int, ...]] = Counter()  # occurrences inside the document itself, never counted
@@ -631,7 +630,7 @@ def contamination(
                     if elsewhere <= 0 or in_split is None:
                         cache[gram] = elsewhere > 0
                     else:
-                        docs, _ = occurrence_positions(index, list(gram))
+                        docs, _ = index.occurrences(list(gram))
                         keep = in_split[docs]
                         if document.doc_index is not None:
                             keep &= docs != document.doc_index

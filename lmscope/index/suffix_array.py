@@ -86,12 +86,19 @@ def write_suffix_array(path: str | os.PathLike[str], positions: np.ndarray, widt
 
 
 class StoredSuffixArray:
-    """A suffix array on disk, read through a memmap.
+    """A suffix array on disk, mapped into memory (never read whole).
 
     Args:
         path: the file written by :func:`write_suffix_array`.
         n: number of entries.
         width: bytes per entry (4 or 5).
+
+    Attributes:
+        entries: the raw entries as a plain ``np.ndarray`` over the file's memory map (a view of
+            the ``np.memmap``, not a copy: only the pages read are loaded) — shape ``(n,)``
+            ``<u4`` for width 4, ``(n, 5)`` ``uint8`` for width 5. A plain array, because
+            ``np.memmap.__getitem__`` is a Python-level override that costs about 1 µs per call
+            and several per slice (see :mod:`lmscope.index.search`).
     """
 
     def __init__(self, path: str | os.PathLike[str], n: int, width: int) -> None:
@@ -101,27 +108,39 @@ class StoredSuffixArray:
         size = self.path.stat().st_size
         if size != n * width:
             raise LmscopeError(f"{self.path} holds {size} bytes but should hold {n} entries of {width} bytes; rebuild the index.")
-        if n == 0:
-            self._data = np.zeros(0, dtype=np.uint32)
-        elif width == 4:
-            self._data = np.memmap(self.path, dtype="<u4", mode="r", shape=(n,))
-        elif width == 5:
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(n, width))
-        else:
+        if width not in (4, 5):
             raise LmscopeError(f"{self.path} uses a suffix-array width of {width} bytes; this lmscope reads 4 or 5; rebuild the index.")
+        shape = (n,) if width == 4 else (n, width)
+        dtype = np.dtype("<u4") if width == 4 else np.dtype(np.uint8)
+        if n == 0:
+            self.entries: np.ndarray = np.zeros(shape, dtype=dtype)
+        else:
+            self.entries = np.asarray(np.memmap(self.path, dtype=dtype, mode="r", shape=shape))
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> int:
         if self.width == 4:
-            return int(self._data[i])
-        return int.from_bytes(bytes(self._data[i]), "little")
+            return int(self.entries[i])
+        return int.from_bytes(self.entries[i].tobytes(), "little")
 
     def slice(self, start: int, stop: int) -> np.ndarray:
         """Entries ``start … stop-1`` as ``int64``."""
         if self.width == 4:
-            return np.asarray(self._data[start:stop], dtype=np.int64)
-        raw = np.zeros((max(stop - start, 0), 8), dtype=np.uint8)
-        raw[:, : self.width] = self._data[start:stop]
-        return raw.view("<u8").reshape(-1).astype(np.int64)
+            return self.entries[start:stop].astype(np.int64)
+        return _five_byte_values(self.entries[start:stop])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Entries at the indices ``rows`` (any shape of integers), as ``int64`` of the same shape."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.width == 4:
+            return self.entries[rows].astype(np.int64)
+        return _five_byte_values(self.entries[rows.reshape(-1)]).reshape(rows.shape)
+
+
+def _five_byte_values(raw: np.ndarray) -> np.ndarray:
+    """``[m, 5]`` little-endian bytes → ``m`` ``int64`` values."""
+    wide = np.zeros((len(raw), 8), dtype=np.uint8)
+    wide[:, : raw.shape[1]] = raw
+    return wide.view("<u8").reshape(-1).astype(np.int64)

@@ -1,14 +1,10 @@
 r"""Tracing a model output into the training corpus, after OLMoTrace (Liu et al., 2025).
 
-**Longest matches.** For every start position :math:`i` of an output :math:`x_1 … x_L`, one
-suffix-array search finds :math:`\ell_i`, the length of the longest prefix of :math:`x_i …`
-that occurs in the corpus (inside one document: the index's separator sees to that). The search
-starts from the block of suffixes that begin with :math:`x_i` (cached per token) and narrows it
-one token at a time — inside a block that shares a prefix of length :math:`k`, suffixes are
-sorted by their token at offset :math:`k`, so each step is one binary search on that token —
-until the block holds at most a few hundred suffixes; those are then compared with the rest of
-the output in one vectorized step, which gives the longest match and how many suffixes reach it.
-Shards are searched alone and combined (the longest answer; the counts of the shards that reach it).
+**Longest matches.** For every start position :math:`i` of an output :math:`x_1 … x_L`,
+:meth:`lmscope.index.Index.longest_matches` finds :math:`\ell_i`, the length of the longest prefix
+of :math:`x_i …` that occurs in the corpus (inside one document: the index's separator sees to
+that), and its count, by one suffix-array search per position and shard
+(:meth:`lmscope.index.search.ShardSearch.longest`).
 
 **Maximal spans.** The span :math:`[i, i + \ell_i)` is *maximal* when no other matching span
 contains it. Ends :math:`i + \ell_i` never decrease along the output, so span :math:`i` is maximal
@@ -39,31 +35,21 @@ batches held it whole, its first exposure and, with ``before_step``, how many ti
 
 Entry points: :func:`trace_tokens`, :func:`trace_text`, :func:`trace_model` (greedy decoding
 with a model whose tokenizer is the corpus's, :func:`generate_output`, then a trace);
-:func:`longest_matches` and :func:`maximal_spans` are the building blocks, and
-:func:`count_many`, :func:`corpus_count` and :func:`occurrence_positions` the fast counting
-primitives that :mod:`lmscope.index.stats` shares; :mod:`lmscope.index.trace_html` renders a trace.
-
-The searches here read each shard's stream and suffix array as plain arrays (cached per shard,
-with the block of suffixes that starts with each token seen so far), which makes a scalar read
-several times cheaper than through ``np.memmap``; answers are those of :class:`lmscope.index.Index`.
+:func:`maximal_spans` and :func:`sample_matches` are the building blocks, over the index's own
+queries (:meth:`~lmscope.index.Index.longest_matches`, :meth:`~lmscope.index.Index.count`,
+:meth:`~lmscope.index.Index.occurrences`); :mod:`lmscope.index.trace_html` renders a trace.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
 
 from lmscope.errors import LmscopeError
 from lmscope.progress import Progress, no_progress
-
-_SCAN_LIMIT = 256
-"""Blocks of at most this many suffixes are extended by vectorized comparison; larger ones are narrowed by scalar binary search."""
-
 
 BM25_K1 = 1.5
 BM25_B = 0.75
@@ -307,183 +293,7 @@ class Trace:
         return out
 
 
-# --- longest matches ----------------------------------------------------------------------
-
-
-class _ShardView:
-    """One shard's stream and suffix array as plain arrays (scalar reads through ``np.memmap`` cost ~10× more), and a cache of first-token blocks."""
-
-    def __init__(self, shard: Any) -> None:
-        self.shard = shard
-        self.n = int(shard.n)
-        self.stream = np.asarray(shard.stream)
-        data = getattr(shard.sa, "_data", None)
-        self.sa = np.asarray(data) if shard.sa.width == 4 and isinstance(data, np.ndarray) and data.ndim == 1 else None
-        self.first: dict[int, tuple[int, int]] = {}
-
-    def at(self, j: int) -> int:
-        return int(self.sa[j]) if self.sa is not None else self.shard.sa[j]
-
-    def positions(self, lo: int, hi: int) -> np.ndarray:
-        return self.sa[lo:hi].astype(np.int64) if self.sa is not None else self.shard.sa.slice(lo, hi)
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """Suffix-array entries at the indices ``rows``, as ``int64``."""
-        if self.sa is not None:
-            return self.sa[rows].astype(np.int64)
-        return np.fromiter((self.shard.sa[int(j)] for j in rows), dtype=np.int64, count=len(rows))
-
-    def key(self, j: int, depth: int) -> int:
-        """The token at offset ``depth`` of suffix ``SA[j]``; −1 past the stream's end (a shorter suffix sorts first)."""
-        p = self.at(j) + depth
-        return int(self.stream[p]) if p < self.n else -1
-
-    def narrow(self, lo: int, hi: int, depth: int, token: int) -> tuple[int, int]:
-        """Inside ``[lo, hi)`` — suffixes sharing a prefix of ``depth`` tokens, hence sorted by their token at ``depth`` — the block whose token there is ``token``."""
-        sa, stream, n = self.sa, self.stream, self.n
-        if sa is None:
-            key = self.key
-        else:
-
-            def key(j: int, depth: int) -> int:  # the same as self.key, inlined: this loop is the hot path
-                p = int(sa[j]) + depth
-                return int(stream[p]) if p < n else -1
-
-        a, b = lo, hi
-        while a < b:
-            mid = (a + b) // 2
-            if key(mid, depth) < token:
-                a = mid + 1
-            else:
-                b = mid
-        first, b = a, hi
-        while a < b:
-            mid = (a + b) // 2
-            if key(mid, depth) <= token:
-                a = mid + 1
-            else:
-                b = mid
-        return first, a
-
-    def first_block(self, token: int) -> tuple[int, int]:
-        if token not in self.first:
-            self.first[token] = self.narrow(0, self.n, 0, token)
-        return self.first[token]
-
-    def block(self, pattern: np.ndarray) -> tuple[int, int]:
-        """``[lo, hi)``: the suffixes that start with ``pattern`` (non-empty), narrowed token by token."""
-        lo, hi = self.first_block(int(pattern[0]))
-        for depth in range(1, len(pattern)):
-            if hi <= lo:
-                break
-            lo, hi = self.narrow(lo, hi, depth, int(pattern[depth]))
-        return lo, hi
-
-    def longest(self, query: np.ndarray, start: int, stop: int) -> tuple[int, int]:
-        """``(ℓ, count)``: the longest prefix of ``query[start:stop]`` that occurs in this shard, and its occurrences.
-
-        Blocks of more than ``_SCAN_LIMIT`` suffixes are narrowed token by token by binary search;
-        a smaller block is extended in one vectorized comparison of its suffixes with the rest of
-        the query (a few rounds of growing width), which finds the longest match and how many
-        suffixes reach it.
-        """
-        lo, hi = self.first_block(int(query[start]))
-        if hi <= lo:
-            return 0, 0
-        depth = 1
-        while hi - lo > _SCAN_LIMIT and start + depth < stop:
-            a, b = self.narrow(lo, hi, depth, int(query[start + depth]))
-            if b <= a:
-                return depth, hi - lo
-            lo, hi, depth = a, b, depth + 1
-        if start + depth >= stop:
-            return depth, hi - lo
-        suffixes = self.positions(lo, hi) + depth
-        width = 8
-        while True:
-            width = min(width, stop - start - depth)
-            if width <= 0:
-                return depth, len(suffixes)
-            at = suffixes[:, None] + np.arange(width)
-            equal = (self.stream[np.minimum(at, self.n - 1)] == query[start + depth : start + depth + width]) & (at < self.n)
-            whole = equal.all(axis=1)
-            if whole.any():  # some suffixes match all ``width`` tokens: only they can be longest
-                suffixes, depth, width = suffixes[whole] + width, depth + width, width * 2
-                continue
-            matched = equal.argmin(axis=1)  # tokens matched before the first difference
-            best = int(matched.max())
-            return depth + best, int((matched == best).sum())
-
-    def bounds(self, grams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each row of ``grams`` (``[M, n]`` int64), ``[lo, hi)``: the suffixes that start with it — all rows bisected at once."""
-        size, width = grams.shape
-        reach = np.arange(width)
-        found = []
-        for after in (False, True):
-            lo = np.zeros(size, dtype=np.int64)
-            hi = np.full(size, self.n, dtype=np.int64)
-            active = np.arange(size)
-            while len(active):
-                mid = (lo[active] + hi[active]) // 2
-                at = self.take(mid)[:, None] + reach
-                window = np.where(at < self.n, self.stream[np.minimum(at, self.n - 1)].astype(np.int64), -1)  # past the end sorts first
-                wanted = grams[active]
-                differ = window != wanted
-                first = differ.argmax(axis=1)
-                rows = np.arange(len(active))
-                below = differ[rows, first] & (window[rows, first] < wanted[rows, first])
-                right = (below | ~differ.any(axis=1)) if after else below  # after: also pass suffixes that start with the row
-                lo[active[right]] = mid[right] + 1
-                hi[active[~right]] = mid[~right]
-                active = active[lo[active] < hi[active]]
-            found.append(lo)
-        return found[0], found[1]
-
-
-_VIEWS: weakref.WeakKeyDictionary[Any, _ShardView] = weakref.WeakKeyDictionary()
-
-
-def _view(shard: Any) -> _ShardView:
-    view = _VIEWS.get(shard)
-    if view is None:
-        view = _VIEWS[shard] = _ShardView(shard)
-    return view
-
-
-def longest_matches(index: Any, tokens: Any, *, cap: int | None = None, what: str = "output to trace") -> tuple[np.ndarray, np.ndarray]:
-    r"""For every start position ``i``: :math:`\ell_i`, the length of the longest prefix of ``tokens[i:]`` that occurs in the corpus, and its count.
-
-    Each shard is searched alone: :math:`\ell_i` is the longest of the shards' answers and its
-    count the sum over the shards that reach it.
-
-    Args:
-        index: an :class:`lmscope.index.Index`.
-        tokens: the token ids (validated against the corpus's vocabulary).
-        cap: stop extending at this length (lengths are then ``min(ℓ_i, cap)`` and counts those of the capped prefix).
-        what: how an error names the tokens.
-
-    Returns:
-        ``(lengths, counts)``, two ``int64`` arrays of ``len(tokens)``; a token that never occurs
-        gives length 0 and count 0.
-    """
-    query = index._query(tokens, what)
-    size = len(query)
-    lengths = np.zeros(size, dtype=np.int64)
-    counts = np.zeros(size, dtype=np.int64)
-    if cap is not None and cap <= 0:
-        return lengths, counts
-    views = [_view(shard) for shard in index.shards if shard.n]
-    for i in range(size):
-        stop = size if cap is None else min(size, i + int(cap))
-        best, total = 0, 0
-        for view in views:
-            length, count = view.longest(query, i, stop)
-            if length > best:
-                best, total = length, count
-            elif length == best and length:
-                total += count
-        lengths[i], counts[i] = best, total
-    return lengths, counts
+# --- spans ------------------------------------------------------------------------------
 
 
 def maximal_spans(lengths: Any) -> list[tuple[int, int]]:
@@ -500,84 +310,16 @@ def maximal_spans(lengths: Any) -> list[tuple[int, int]]:
 # --- occurrences --------------------------------------------------------------------------
 
 
-def occurrence_positions(index: Any, tokens: Any, ranks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(doc_index, offset)`` arrays of the occurrences of ``tokens``, in corpus order.
-
-    Args:
-        ranks: only these occurrences (0-based, in suffix-array order shard by shard); all by default.
-    """
-    pattern = index._query(tokens, "token sequence")
-    docs, offsets, seen = [], [], 0
-    for shard in index.shards:
-        view = _view(shard)
-        lo, hi = view.block(pattern) if shard.n else (0, 0)
-        if ranks is None:
-            positions = view.positions(lo, hi)
-        else:
-            mine = ranks[(ranks >= seen) & (ranks < seen + hi - lo)] - seen
-            positions = np.asarray([view.at(lo + int(j)) for j in mine.tolist()], dtype=np.int64)
-        seen += hi - lo
-        if not len(positions):
-            continue
-        positions = np.sort(positions)
-        local = np.searchsorted(shard.starts, positions.astype(np.uint64), side="right").astype(np.int64) - 1
-        docs.append(shard.info.doc_start + local)
-        offsets.append(positions - shard.starts[local].astype(np.int64))
-    if not docs:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return np.concatenate(docs), np.concatenate(offsets)
-
-
-def count_many(index: Any, grams: Any, *, rows_per_batch: int = 1 << 15) -> np.ndarray:
-    """Corpus counts of many token sequences of one length (``[M, n]``), by binary searches run side by side on whole arrays.
-
-    The same answer as :meth:`lmscope.index.Index.count` for each row, at a fraction of the
-    cost per row when ``M`` is large (contamination checks count every n-gram of a document).
-    """
-    table = np.asarray(grams)
-    if table.ndim != 2 or table.shape[1] == 0:
-        raise LmscopeError(f"n-grams of shape {table.shape} are not [M, n] with n ≥ 1; stack sequences of one length.")
-    counts = np.zeros(len(table), dtype=np.int64)
-    if not len(table):
-        return counts
-    checked = index._query(table.reshape(-1), "n-grams").astype(np.int64).reshape(table.shape)
-    for start in range(0, len(checked), rows_per_batch):
-        part = checked[start : start + rows_per_batch]
-        for shard in index.shards:
-            if shard.n:
-                lo, hi = _view(shard).bounds(part)
-                counts[start : start + len(part)] += hi - lo
-    return counts
-
-
-def corpus_count(index: Any, tokens: Any) -> int:
-    """Occurrences of ``tokens`` in the corpus (as :meth:`lmscope.index.Index.count`, through the cached shard views)."""
-    pattern = index._query(tokens, "token sequence")
-    return sum(hi - lo for lo, hi in (_view(shard).block(pattern) for shard in index.shards if shard.n))
-
-
-def make_matches(index: Any, docs: Any, offsets: Any, length: int) -> list[Any]:
-    """:class:`lmscope.index.Match` es for ``(doc_index, offset)`` pairs, with their documents' id, domain and split."""
-    from lmscope.index.query import Match
-
-    docs, offsets = list(map(int, docs)), list(map(int, offsets))
-    if not docs:
-        return []
-    rows = index.documents.take(pa.array(docs, pa.int64()))
-    ids, domains, splits = (rows.column(name).to_pylist() for name in ("id", "domain", "split"))
-    return [Match(d, o, length, str(i), str(dom), str(s)) for d, o, i, dom, s in zip(docs, offsets, ids, domains, splits)]
-
-
 def sample_matches(index: Any, tokens: Any, k: int, seed: Any) -> tuple[int, list[Any]]:
     """``(count, up to k occurrences)``: every occurrence when there are at most ``k``, else ``k`` drawn without replacement (``np.random.default_rng(seed)``), in corpus order."""
-    pattern = index._query(tokens, "token sequence")
-    count = corpus_count(index, pattern)
+    pattern = index.check_tokens(tokens)
+    count = index.count(pattern)
     if k <= 0 or count == 0:
         return count, []
     ranks = None if count <= k else np.sort(np.random.default_rng(seed).choice(count, size=k, replace=False))
-    docs, offsets = occurrence_positions(index, pattern, ranks)
+    docs, offsets = index.occurrences(pattern, ranks)
     order = np.lexsort((offsets, docs))
-    return count, make_matches(index, docs[order], offsets[order], len(pattern))
+    return count, index.matches_at(docs[order], offsets[order], len(pattern))
 
 
 # --- BM25 ---------------------------------------------------------------------------------
@@ -649,8 +391,8 @@ def trace_tokens(
         progress: receives ``("trace positions", 1, L)`` per output position.
     """
     settings = TraceSettings(min_length, max_frequency, top_fraction, rank_by, docs_per_span, window, seed)
-    output = index._query(tokens, "output to trace").astype(np.int64).tolist()
-    prompt = [] if prompt_tokens is None or len(prompt_tokens) == 0 else index._query(prompt_tokens, "prompt").astype(np.int64).tolist()
+    output = index.check_tokens(tokens, "output to trace").astype(np.int64).tolist()
+    prompt = [] if prompt_tokens is None or len(prompt_tokens) == 0 else index.check_tokens(prompt_tokens, "prompt").astype(np.int64).tolist()
     source = None
     if before_step is not None and suite is None:
         raise LmscopeError("--before-step counts exposures in a suite's training; name the suite with --suite.")
@@ -663,7 +405,7 @@ def trace_tokens(
             raise LmscopeError(f"--before-step {before_step!r} is not a checkpoint step; give an integer ≥ 0.")
 
     progress("trace positions", 0, len(output))
-    lengths, counts = longest_matches(index, output)
+    lengths, counts = index.longest_matches(output)
     progress("trace positions", len(output), len(output))
     maximal = maximal_spans(lengths)
     candidates = [
@@ -672,7 +414,7 @@ def trace_tokens(
     unigram: dict[int, float] = {}
     total = max(index.n_tokens, 1)
     for token in sorted({t for a, b in candidates for t in output[a:b]}):
-        unigram[token] = math.log(corpus_count(index, [token]) / total)
+        unigram[token] = math.log(index.count([token]) / total)
 
     def logprob(span: tuple[int, int]) -> float:
         return float(sum(unigram[t] for t in output[span[0] : span[1]]))
