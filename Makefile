@@ -33,7 +33,7 @@ $(VENV)/.stamp-package: $(VENV)/.stamp-torch pyproject.toml
 	$(PY) -c 'import torch, sys; v = torch.__version__.split("+")[0]; sys.exit(0 if v == "$(TORCH_VERSION)" else f"torch {v} replaced the pinned $(TORCH_VERSION); a dependency asked for another torch")'
 	touch $@
 
-# Test and benchmark tools (pytest, and SAELens as the reference for the SAE format and speed).
+# Test and benchmark tools (pytest; SAELens, the reference for the SAE format and speed; infini-gram, for the index).
 dev: $(VENV)/.stamp-dev
 
 $(VENV)/.stamp-dev: $(VENV)/.stamp-package
@@ -76,6 +76,7 @@ test-fast: dev
 
 bench: setup dev
 	$(PY) bench/activations.py
+	$(PY) bench/index.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
