@@ -135,6 +135,30 @@ class SaeStudyConfig:
 
 
 @dataclass
+class TraceStudyConfig:
+    """Generations of one suite checkpoint traced into the suite's corpus (``lmscope trace``'s settings)."""
+
+    enabled: bool = True
+    """Index the suite's corpus, generate and trace (needs a suite)."""
+    size: str = "1.6m"
+    """Which model of the suite generates."""
+    step: int | None = None
+    """Its checkpoint step (``None``: the last); exposures are counted for this checkpoint."""
+    prompts: list[str] = field(default_factory=lambda: ["If the", "This function returns"])
+    """Prompts the model continues greedily."""
+    max_new_tokens: int = 48
+    """Tokens generated per prompt."""
+    min_length: int = 5
+    """Shortest span kept (tokens)."""
+    max_frequency: int = 10
+    """Spans occurring more often than this in the corpus are not kept."""
+
+    def __post_init__(self) -> None:
+        if not self.prompts or self.max_new_tokens <= 0 or self.min_length <= 0 or self.max_frequency <= 0:
+            raise LmscopeError("[trace] needs at least one prompt, and positive max_new_tokens, min_length and max_frequency.")
+
+
+@dataclass
 class StudyConfig:
     """A study: one model, one corpus, and what to measure. The same object feeds the CLI, the TOML file and the API."""
 
@@ -157,6 +181,8 @@ class StudyConfig:
     """The evaluation sweep over the suite's checkpoints (skipped when there is no suite)."""
     sae: SaeStudyConfig = field(default_factory=SaeStudyConfig)
     """The sparse autoencoder trained on one checkpoint of the suite (skipped when there is no suite)."""
+    trace: TraceStudyConfig = field(default_factory=TraceStudyConfig)
+    """Generations of one suite checkpoint traced into the training data (skipped when there is no suite)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.activations, dict):
@@ -165,6 +191,8 @@ class StudyConfig:
             self.eval = _from_mapping(EvalConfig, self.eval, "[eval]")
         if isinstance(self.sae, dict):
             self.sae = _from_mapping(SaeStudyConfig, self.sae, "[sae]")
+        if isinstance(self.trace, dict):
+            self.trace = _from_mapping(TraceStudyConfig, self.trace, "[trace]")
         if not self.name or any(ch in self.name for ch in "/\\") or self.name.startswith("."):
             raise LmscopeError(f"study name {self.name!r} must be a plain directory name (no slashes, not hidden).")
 
@@ -351,23 +379,10 @@ def _run_sae(config: StudyConfig, suite_dir: Path, run_dir: Path, progress: Prog
     """Train, evaluate and describe the study's SAE in ``run_dir/sae``; its numbers go to ``results/sae.parquet``."""
     from lmscope.sae.job import run_sae_job
     from lmscope.sae.train import SaeTrainConfig
-    from lmscope.suites.catalog import resolve_suite
 
     sc = config.sae
-    suite, _ = resolve_suite(str(suite_dir))
-    models = {m.size: m for m in suite.models}
-    if sc.size not in models:
-        raise LmscopeError(f"[sae] size {sc.size!r} is not in suite {suite_dir}; it has {', '.join(models)}.")
-    checkpoints = {c.step: c for c in suite.checkpoints()}
-    step = max(checkpoints) if sc.step is None else sc.step
-    if step not in checkpoints:
-        raise LmscopeError(f"[sae] step {step} is not a checkpoint of the suite; it has steps {', '.join(map(str, sorted(checkpoints)))}.")
-    checkpoint = checkpoints[step]
-    seeds = json.loads((suite_dir / "suite.json").read_text()).get("models", {})
-    identity = {"suite": suite.name, "model": sc.size, "size": sc.size, "seed": seeds.get(sc.size, {}).get("seed"),
-                "revision": checkpoint.revision, "step": step, "tokens_seen": checkpoint.tokens_seen}
+    spec, identity = _suite_checkpoint(suite_dir, sc.size, sc.step, "[sae]")
     train = SaeTrainConfig(hook=sc.hook, arch=sc.arch, width=sc.width, k=sc.k, epochs=sc.epochs, batch_size=sc.batch_size)
-    spec = f"{models[sc.size].model_id}@{checkpoint.revision}"
     summary = run_sae_job(spec, train, run_dir / "sae", corpus=suite_dir / "corpus", tokens=sc.tokens, ctx=128,
                           replay_suite=suite_dir, identity=identity, device=config.device, progress=progress)
     (run_dir / "results").mkdir(parents=True, exist_ok=True)
@@ -390,6 +405,39 @@ def _run_sae_track(config: StudyConfig, suite_dir: Path, run_dir: Path, progress
     atomic_write_bytes(run_dir / "results" / "sae_track.parquet", (run_dir / "sae-track" / RESULTS_FILE).read_bytes())
     return {"out": "sae-track", "size": sc.size, "hook": sc.hook, "select": sc.track_select, "steps": track["steps"],
             "lineages": track["lineages"], "summary": track["summary"], "cards": sc.track_cards}
+
+
+def _suite_checkpoint(suite_dir: Path, size: str, step: int | None, where: str) -> tuple[str, dict[str, Any]]:
+    """The model spec of ``size`` at ``step`` (``None``: the last) of a mini suite, and its result-schema identity."""
+    from lmscope.suites.catalog import resolve_suite
+
+    suite, _ = resolve_suite(str(suite_dir))
+    models = {m.size: m for m in suite.models}
+    if size not in models:
+        raise LmscopeError(f"{where} size {size!r} is not in suite {suite_dir}; it has {', '.join(models)}.")
+    checkpoints = {c.step: c for c in suite.checkpoints()}
+    step = max(checkpoints) if step is None else step
+    if step not in checkpoints:
+        raise LmscopeError(f"{where} step {step} is not a checkpoint of the suite; it has steps {', '.join(map(str, sorted(checkpoints)))}.")
+    checkpoint = checkpoints[step]
+    seeds = json.loads((suite_dir / "suite.json").read_text()).get("models", {})
+    identity = {"suite": suite.name, "model": size, "size": size, "seed": seeds.get(size, {}).get("seed"),
+                "revision": checkpoint.revision, "step": step, "tokens_seen": checkpoint.tokens_seen}
+    return f"{models[size].model_id}@{checkpoint.revision}", identity
+
+
+def _run_trace(config: StudyConfig, suite_dir: Path, run_dir: Path, progress: Progress) -> dict[str, Any]:
+    """Trace the ``[trace]`` model's generations into the suite corpus in ``run_dir/traces``; rows to ``results/trace.parquet``."""
+    from lmscope.index.trace_job import run_trace_job
+
+    tc = config.trace
+    spec, identity = _suite_checkpoint(suite_dir, tc.size, tc.step, "[trace]")
+    summary = run_trace_job(suite_dir, spec, list(tc.prompts), run_dir / "traces", step=identity["step"], identity=identity,
+                            max_new_tokens=tc.max_new_tokens, min_length=tc.min_length, max_frequency=tc.max_frequency,
+                            device=config.device, progress=progress)
+    (run_dir / "results").mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "results" / "trace.parquet", (run_dir / "traces" / "results.parquet").read_bytes())
+    return {**summary, "out": "traces", "identity": identity}
 
 
 def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", progress: Progress = no_progress) -> dict[str, Any]:
@@ -476,6 +524,12 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         track_summary = _run_sae_track(config, Path(suite_summary["path"]), run_dir, progress)
         timings["sae_track_s"] = time.perf_counter() - clock
 
+    trace_summary = None
+    if suite_summary is not None and config.trace.enabled:
+        clock = time.perf_counter()
+        trace_summary = _run_trace(config, Path(suite_summary["path"]), run_dir, progress)
+        timings["trace_s"] = time.perf_counter() - clock
+
     corpus_stats = {"path": str(corpus_dir), "documents": len(corpus), "tokens": int(corpus.n_tokens), "domains": corpus.domains}
     summary = {
         "study": config.name,
@@ -490,6 +544,7 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         "evaluation": evaluation,
         "sae": sae_summary,
         "sae_track": track_summary,
+        "trace": trace_summary,
         "timings": timings,
     }
     _write_study_results(run_dir, config, summary)

@@ -116,6 +116,16 @@ def test_study_config_round_trip_and_bad_keys(tmp_path: Path) -> None:
         load_study_config(path)
     with pytest.raises(LmscopeError, match="split 'test' is not a split"):
         ActivationsConfig(split="test")  # type: ignore[arg-type]
+    # the SAE track and the trace sections read back, and refuse nonsense with one sentence
+    traced = StudyConfig(name="t", sae={"track_select": "0,512", "track_cards": 1}, trace={"prompts": ["a b", 'say "x"'], "step": 64})
+    path.write_text(config_to_toml(traced))
+    assert load_study_config(path) == traced and load_study_config(path).trace.prompts == ["a b", 'say "x"']
+    path.write_text('[study]\nname = "x"\n[study.trace]\nprompts = []\n')
+    with pytest.raises(LmscopeError, match="at least one prompt"):
+        load_study_config(path)
+    path.write_text('[study]\nname = "x"\n[study.trace]\nprompt = ["a"]\n')
+    with pytest.raises(LmscopeError, match="unknown key\\(s\\) prompt"):
+        load_study_config(path)
 
 
 def test_study_command_json(workspace: dict[str, Path], tmp_path: Path) -> None:

@@ -445,7 +445,7 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     import pyarrow.parquet as pq
 
     from lmscope.evals.sweep import METRICS
-    from lmscope.study import ActivationsConfig, EvalConfig, SaeStudyConfig, StudyConfig, run_study
+    from lmscope.study import ActivationsConfig, EvalConfig, SaeStudyConfig, StudyConfig, TraceStudyConfig, run_study
     from lmscope.suites.replay import open_source, replay_step
 
     suite = trained["suite"]
@@ -453,7 +453,8 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
                          suite=str(suite), activations=ActivationsConfig(hooks=["blocks.0.hook_resid_post"], tokens=256, ctx=32),
                          eval=EvalConfig(select=f"0,{STEPS}", documents_per_domain=2, memorization_sequences=16),
                          sae=SaeStudyConfig(size="s32", hook="blocks.1.hook_resid_post", width=128, k=4, tokens=4096,
-                                            epochs=2, batch_size=256, cards=3, track_select=f"0,{STEPS}", track_cards=2))
+                                            epochs=2, batch_size=256, cards=3, track_select=f"0,{STEPS}", track_cards=2),
+                         trace=TraceStudyConfig(size="s64", prompts=["def ", "import "], max_new_tokens=24, min_length=3))
     result = run_study(config, tmp_path)
     summary = result["suite"]
     check = trained["summary"]
@@ -478,10 +479,29 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     assert {r["lens"] for r in table.to_pylist() if r["metric"] == "lens_kl"} == {"logit", "tuned"}
     page = (run / "report.html").read_text()
     images = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,", page)
-    assert page.count("<div class='card'>") == 3 + 2 and "Sparse autoencoder features" in page
+    trace_cards = sum(min(6, t["documents"]) for t in result["trace"]["traces"])  # up to six documents per trace
+    assert page.count("<div class='card'>") == 3 + 2 + trace_cards and "Sparse autoencoder features" in page
     assert "Features across training" in page and "lineage " in page
     track = result["sae_track"]
     assert track["steps"] == [0, STEPS] and (run / "results" / "sae_track.parquet").is_file()
+    # every traced match is really in the corpus at its document and offset (read here from the corpus itself)
+    corpus = TokenizedCorpus.open(suite / "corpus")
+    trace = result["trace"]
+    assert [t["prompt"] for t in trace["traces"]] == ["def ", "import "] and "Tracing generations into the training data" in page
+    matched = 0
+    for entry in trace["traces"]:
+        data = json.loads((run / "traces" / entry["json"]).read_text())
+        assert (run / "traces" / entry["html"]).is_file() and entry["spans"] == len(data["spans"])
+        for span in data["spans"]:
+            assert data["tokens"][span["start"]:span["stop"]] == span["tokens"] and span["stop"] - span["start"] >= 3
+            for where in span["documents"]:
+                doc = corpus.document_tokens(where["doc_index"])
+                assert doc[where["offset"]:where["offset"] + len(span["tokens"])].tolist() == span["tokens"]
+                matched += 1
+    assert matched == sum(len(s["documents"]) for t in trace["traces"] for s in
+                          json.loads((run / "traces" / t["json"]).read_text())["spans"]) and matched > 0
+    trace_rows = pq.read_table(run / "results" / "trace.parquet").to_pylist()
+    assert {(r["prompt"], r["metric"]) for r in trace_rows} >= {("def ", "trace_spans"), ("import ", "trace_documents")}
     sae = result["sae"]
     assert sae["identity"]["step"] == STEPS and sae["reconstruction"]["l0"] == 4.0 and sae["reconstruction"]["fvu"] < 1
     sae_rows = {r["metric"]: r for r in pq.read_table(run / "results" / "sae.parquet").to_pylist()}

@@ -125,6 +125,57 @@ def _track_section(run_dir: Path, track: dict[str, Any]) -> Section:
     return Section("Features across training", paragraphs, items)
 
 
+def _trace_section(run_dir: Path, trace: dict[str, Any]) -> Section:
+    """Each traced generation: the output with its corpus spans marked, and the documents behind them with exposure steps."""
+    from lmscope.report.html import Cards, Example, FeatureCard, Passage
+
+    step = trace["step"]
+    paragraphs = [
+        f"The {trace['identity']['size']} model at step {step} continued each prompt greedily, and the continuation was "
+        "traced into the suite's corpus as OLMoTrace does: at every position the longest span found verbatim in the "
+        "corpus (a suffix-array index, traces/index), maximal spans of at least "
+        f"{trace.get('min_length', 5)} tokens occurring at most {trace.get('max_frequency', 10)} times kept, the longest "
+        "5 % of the output's length shown, and up to 10 documents per span ranked by BM25 against prompt and output. "
+        f"Because the data order is known, each match says whether a batch before step {step} held it (so the model "
+        "could have learned it there) and at which step. traces/trace-N.html shows each trace on its own.",
+    ]
+    items: list[Any] = []
+    for number, entry in enumerate(trace["traces"]):
+        data = json.loads((run_dir / trace["out"] / entry["json"]).read_text())
+        pieces = [(segment.get("text", ""), bool(segment["spans"])) for segment in data["segments"]]
+        items.append(Passage(
+            f"{number + 1}. {data.get('prompt')!r} →",
+            pieces,
+            f"{len(data['spans'])} span(s) kept of {data['n_maximal_spans']} maximal; {len(data['documents'])} documents, "
+            f"{entry['seen_documents']} of them holding a match that a batch before step {step} held."))
+        cards = []
+        for document in data["documents"][:6]:
+            examples = []
+            for match in document["matches"][:2]:
+                parts = match["window"].get("parts") or {}
+                seen = match.get("exposures") or {}
+                if seen.get("steps"):
+                    when = f"trained at step {', '.join(map(str, seen['steps'][:3]))}" + (" …" if len(seen["steps"]) > 3 else "")
+                    when += "" if seen.get("seen_before") else f" (after step {step})"
+                elif seen.get("partial_steps"):
+                    when = f"split across two rows at step {seen['partial_steps'][0]}"
+                elif document.get("split") == "train":
+                    when = "in no training batch (the suite trains on part of its corpus)"
+                else:
+                    when = "held out: never trained on"
+                examples.append(Example([parts.get("before", ""), parts.get("match", ""), parts.get("after", "")], 1,
+                                        float(match["length"]), f"token {match['offset']} of the document · {when}"))
+            cards.append(FeatureCard(
+                title=f"#{document['rank']} {document['doc_id']}",
+                facts=(f"{document['domain']} · {document['split']} split · BM25 {document['bm25']:.3g}"
+                       + (f" · first trained at step {document['first_step']}" if document.get("first_step") is not None else "")),
+                histogram=[], top_tokens=[], bottom_tokens=[], examples=examples))
+        if cards:
+            items.append(Cards("Documents behind the marked spans, most relevant first (number before the source: the "
+                               "span's length in tokens)", cards))
+    return Section("Tracing generations into the training data", paragraphs, items)
+
+
 def build_report(run_dir: str | os.PathLike[str], summary: dict[str, Any] | None = None,
                  command: str = "lmscope study") -> Path:
     """Write ``run_dir/report.html`` (and ``run_dir/figures/*.png``) from the run's summary and results; returns its path."""
@@ -170,6 +221,9 @@ def build_report(run_dir: str | os.PathLike[str], summary: dict[str, Any] | None
     track = summary.get("sae_track")
     if track:
         sections.append(_track_section(run_dir, track))
+    trace = summary.get("trace")
+    if trace:
+        sections.append(_trace_section(run_dir, trace))
 
     activations = summary.get("activations") or []
     if activations:

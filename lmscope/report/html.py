@@ -41,6 +41,7 @@ code { background: #f5f5f7; padding: 0.05em 0.3em; border-radius: 3px; }
 .ctx { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre-wrap; word-break: break-all;
        background: #fafafa; padding: 0.15em 0.3em; margin: 0.15em 0; border-left: 3px solid #ccc; }
 .ctx mark { background: #ffd54f; padding: 0 1px; }
+.passage { font-size: 1.05em; padding: 0.5em 0.8em; }
 .ctx .src { color: #888; font-family: -apple-system, "Segoe UI", Roboto, sans-serif; font-size: 0.85em; }
 .bars { display: flex; align-items: flex-end; height: 36px; gap: 1px; margin: 0.3em 0; }
 .bars span { background: #5c6bc0; width: 8px; display: inline-block; }
@@ -98,10 +99,20 @@ class Cards:
 
 
 @dataclass
+class Passage:
+    """A text shown whole, some of its pieces marked (e.g. the spans of an output found in the training data)."""
+
+    title: str
+    pieces: Sequence[tuple[str, bool]]
+    """``(text, marked)`` in order."""
+    caption: str = ""
+
+
+@dataclass
 class Section:
     heading: str
     paragraphs: list[str] = field(default_factory=list)
-    items: list[Figure | Table | Cards] = field(default_factory=list)
+    items: list[Figure | Table | Cards | Passage] = field(default_factory=list)
 
 
 def _cell(value: Any, digits: int) -> tuple[str, bool]:
@@ -161,11 +172,19 @@ def _cards(cards: Cards) -> str:
     return f"<h3>{html.escape(cards.title)}</h3><div class='cards'>{''.join(_card(c) for c in cards.cards)}</div>"
 
 
-def _item(item: Figure | Table | Cards) -> str:
+def _passage(passage: Passage) -> str:
+    text = "".join(f"<mark>{html.escape(t)}</mark>" if marked else html.escape(t) for t, marked in passage.pieces)
+    caption = f"<p class='explain'>{html.escape(passage.caption)}</p>" if passage.caption else ""
+    return f"<h3>{html.escape(passage.title)}</h3><div class='ctx passage'>{text}</div>{caption}"
+
+
+def _item(item: Figure | Table | Cards | Passage) -> str:
     if isinstance(item, Figure):
         return _figure(item)
     if isinstance(item, Cards):
         return _cards(item)
+    if isinstance(item, Passage):
+        return _passage(item)
     return _table(item)
 
 
