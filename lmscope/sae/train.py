@@ -14,7 +14,8 @@ One step on a batch of ``N`` rows (``x``: ``hook``; target ``y``: ``x`` itself, 
     jumprelu   + λ_t · L0 (STE)                decoder rows unit-norm; threshold learned through STEs
 
 (:mod:`lmscope.sae.losses` has the maths.) ``λ_t`` ramps linearly from 0 over the first
-``sparsity_warmup`` of training (Conerly et al. 2024). Adam (β = 0.9, 0.999); learning rate
+``sparsity_warmup`` of training (Conerly et al. 2024). Adam (β = 0.9, 0.999) on gradients clipped to a
+global norm of ``grad_clip_norm`` (1, as SAELens); learning rate
 warmed up linearly, then linear decay to 0 over the last ``decay_fraction`` of steps, or cosine.
 
 **Normalisation.** Before training, a fixed seeded sample (the first up to 65 536 rows of the
@@ -153,6 +154,10 @@ class SaeTrainConfig:
     """Steps between rows of ``train_log.parquet`` (the last step is always logged)."""
     sparse_decode: bool = True
     """``topk``/``batchtopk``: decode and back-propagate through the active latents only (same maths as dense, much faster)."""
+    grad_clip_norm: float | None = 1.0
+    """Clip the global gradient norm to this before each Adam step (SAELens does, at 1). The gradient norm falls ~10×
+    early in training; without the clip Adam's second moment remembers the large early gradients and its steps
+    shrink (see BENCHMARKS.md, SAE training). ``None``: no clipping."""
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -194,6 +199,8 @@ class SaeTrainConfig:
                 raise LmscopeError(f"{name}={value} must be a fraction between 0 and 1.")
         if self.aux_k is not None and self.aux_k < 0:
             raise LmscopeError(f"aux_k={self.aux_k} must be 0 (no AuxK) or more.")
+        if self.grad_clip_norm is not None and not (math.isfinite(self.grad_clip_norm) and self.grad_clip_norm > 0):
+            raise LmscopeError(f"grad_clip_norm={self.grad_clip_norm} must be positive (or unset for no clipping).")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise LmscopeError(f"lr={self.lr} must be positive (or unset for the width-scaled default).")
         if self.decay not in DECAYS:
@@ -973,6 +980,8 @@ class _Run:
         unit_decoder = config.arch != "relu"
         if unit_decoder:
             remove_parallel_gradient(sae)
+        if config.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), config.grad_clip_norm)
         self.optimizer.step()
         if unit_decoder:
             sae.normalize_decoder()
