@@ -77,6 +77,7 @@ test-fast: dev
 bench: setup dev
 	$(PY) bench/activations.py
 	$(PY) bench/index.py
+	$(PY) bench/sae.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
