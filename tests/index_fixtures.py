@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -168,3 +169,20 @@ def build_planted_suite(root: Path) -> PlantedSuite:
     in_rows = sum(1 for row in rows.tolist() for o in range(seq_len + 2 - len(PHRASE)) if row[o : o + len(PHRASE)] == PHRASE)
     assert in_rows == sum(map(len, truth.values())) > 0
     return PlantedSuite(suite, docs, planted, truth, starts, seq_len, batch, steps)
+
+
+def sentence(err: pytest.ExceptionInfo) -> str:
+    """The error's message, checked to be one plain sentence."""
+    text = str(err.value)
+    assert "\n" not in text and text.endswith(".") and "Traceback" not in text
+    return text
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``lmscope ARGS`` in-process: (exit code, stdout, stderr)."""
+    from lmscope.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return int(exit_info.value.code or 0), captured.out, captured.err

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index_fixtures import PHRASE, boundary_ngrams, build_planted_suite, naive_infgram, naive_locate, queries, random_docs, write_corpus
-from lmscope.cli import main
+from index_fixtures import PHRASE, boundary_ngrams, build_planted_suite, naive_infgram, naive_locate, queries, random_docs, write_corpus, run_cli as _run, sentence as _sentence
 from lmscope.errors import LmscopeError
 from lmscope.index import Index, Match, build_index
 from lmscope.index.search import scalar_reader
@@ -231,11 +230,6 @@ def test_killed_build_resumes_and_ends_byte_identical(small: dict, tmp_path: Pat
     assert (again.shards_built, again.shards_resumed) == (0, len(manifest["shards"]))
 
 
-def _sentence(err: pytest.ExceptionInfo[LmscopeError]) -> str:
-    text = str(err.value)
-    assert "\n" not in text and text.endswith(".") and "Traceback" not in text
-    return text
-
 
 def test_bad_input_gets_one_clear_sentence(small: dict, tmp_path: Path) -> None:
     index = small["one"]
@@ -271,12 +265,6 @@ def test_bad_input_gets_one_clear_sentence(small: dict, tmp_path: Path) -> None:
 
 # --- command line -------------------------------------------------------------------------
 
-
-def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return int(exit_info.value.code or 0), captured.out, captured.err
 
 
 def test_cli_json_and_errors(small: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

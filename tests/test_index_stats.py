@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index_fixtures import PHRASE, build_planted_suite, naive_locate, random_docs, write_corpus
-from lmscope.cli import main
+from index_fixtures import PHRASE, build_planted_suite, naive_locate, random_docs, write_corpus, run_cli as _run, sentence as _sentence
 from lmscope.errors import LmscopeError
 from lmscope.index import Index, build_index
 from lmscope.index.stats import (
@@ -24,17 +23,6 @@ from lmscope.index.stats import (
 )
 
 
-def _sentence(err: pytest.ExceptionInfo[LmscopeError]) -> str:
-    text = str(err.value)
-    assert "\n" not in text and text.endswith(".") and "Traceback" not in text
-    return text
-
-
-def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return int(exit_info.value.code or 0), captured.out, captured.err
 
 
 def _domain(i: int) -> str:  # write_corpus's domains

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index_fixtures import PHRASE, build_planted_suite, naive_locate, random_docs, write_corpus
-from lmscope.cli import main
+from index_fixtures import PHRASE, build_planted_suite, naive_locate, random_docs, write_corpus, run_cli as _run, sentence as _sentence
 from lmscope.errors import LmscopeError
 from lmscope.index import Index, build_index
 from lmscope.index.trace import TraceSettings, bm25_scores, maximal_spans, trace_text, trace_tokens
@@ -116,17 +115,6 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "docs": docs, "corpus": corpus, "one": one, "many": many, "five": five}
 
 
-def _sentence(err: pytest.ExceptionInfo[LmscopeError]) -> str:
-    text = str(err.value)
-    assert "\n" not in text and text.endswith(".") and "Traceback" not in text
-    return text
-
-
-def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return int(exit_info.value.code or 0), captured.out, captured.err
 
 
 # --- longest matches and spans ------------------------------------------------------------
