@@ -33,11 +33,15 @@ $(VENV)/.stamp-package: $(VENV)/.stamp-torch pyproject.toml
 	$(PY) -c 'import torch, sys; v = torch.__version__.split("+")[0]; sys.exit(0 if v == "$(TORCH_VERSION)" else f"torch {v} replaced the pinned $(TORCH_VERSION); a dependency asked for another torch")'
 	touch $@
 
-# Test and benchmark tools (pytest; SAELens, the reference for the SAE format and speed; infini-gram, for the index).
+# Test and benchmark tools (pytest; SAELens, the reference for the SAE format and speed; infini-gram, for the
+# index; kronfluence, for influence functions). kronfluence and its einconv are installed with --no-deps: they
+# declare torchvision, which pip would resolve to a torch other than the pinned one; neither imports it.
+KRONFLUENCE := kronfluence==1.0.1 einconv==0.1.0
 dev: $(VENV)/.stamp-dev
 
 $(VENV)/.stamp-dev: $(VENV)/.stamp-package
 	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps $(KRONFLUENCE)
 	$(PY) -c 'import torch, sys; v = torch.__version__.split("+")[0]; sys.exit(0 if v == "$(TORCH_VERSION)" else f"torch {v} replaced the pinned $(TORCH_VERSION); a dependency asked for another torch")'
 	touch $@
 
