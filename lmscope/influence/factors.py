@@ -182,10 +182,6 @@ def _backward(model: nn.Module, taps: LinearTaps, rows: Tensor, fisher: str, gen
     return int(batch.mask.sum())
 
 
-def _flat(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1]).double()
-
-
 class _Accumulators:
     """Running sums of one pass (covariances, or lambda/diagonal) for every layer; a dict of tensors, so it can be saved."""
 
@@ -203,18 +199,19 @@ class _Accumulators:
         self.tokens = 0
 
     def update(self, taps: LinearTaps, n_rows: int, n_tokens: int) -> None:
+        """Add one batch: products in float32 (as kronfluence), sums kept in float64."""
         for name in taps.modules:
             a, g = taps.activations[name], taps.output_grads[name]
             if self.kind == "covariance":
-                fa, fg = _flat(a), _flat(g)
-                self.sums[f"{name}::A"].addmm_(fa.T, fa)
-                self.sums[f"{name}::S"].addmm_(fg.T, fg)
+                fa, fg = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+                self.sums[f"{name}::A"] += (fa.T @ fa).double()
+                self.sums[f"{name}::S"] += (fg.T @ fg).double()
             else:
                 if self.bases is not None:
                     q_s, q_a = self.bases[name]
-                    a, g = a.double() @ q_a, g.double() @ q_s
-                per_sequence = torch.einsum("bto,bti->boi", g.double(), a.double())
-                self.sums[f"{name}::L"].add_(per_sequence.square().sum(dim=0))
+                    a, g = a @ q_a, g @ q_s
+                per_sequence = torch.einsum("bto,bti->boi", g, a)
+                self.sums[f"{name}::L"] += per_sequence.square().sum(dim=0).double()
         self.sequences += n_rows
         self.tokens += n_tokens
 
@@ -345,7 +342,8 @@ def fit_factors(
 
 
 def _bases(finished: dict[str, Tensor], modules: dict[str, nn.Linear]) -> dict[str, tuple[Tensor, Tensor]]:
-    return {name: (finished[f"{name}::QS"], finished[f"{name}::QA"]) for name in modules}
+    """Each layer's eigenbases in float32, for rotating per-token activations and gradients."""
+    return {name: (finished[f"{name}::QS"].float().contiguous(), finished[f"{name}::QA"].float().contiguous()) for name in modules}
 
 
 def _save_checkpoint(path: Path, state: FitState, settings: FactorSettings, n_rows: int) -> None:

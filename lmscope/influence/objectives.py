@@ -93,7 +93,13 @@ def token_losses(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
 
 
 def sampled_targets(logits: Tensor, generator: torch.Generator) -> Tensor:
-    """``[B, T]`` targets drawn from the model's predictive distribution at each position (for the true Fisher)."""
-    probs = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1])
-    draws = torch.multinomial(probs.cpu(), 1, generator=generator).view(logits.shape[:-1])
-    return draws.to(logits.device)
+    """``[B, T]`` targets drawn from the model's predictive distribution at each position (for the true Fisher).
+
+    Inverse-CDF sampling: one uniform draw per position from ``generator`` (on the CPU), located in the
+    cumulative distribution; an order of magnitude faster than ``torch.multinomial`` over large vocabularies.
+    """
+    probs = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1]).cpu()
+    cdf = probs.cumsum(dim=-1)
+    uniform = torch.rand(cdf.shape[0], 1, generator=generator) * cdf[:, -1:]
+    draws = torch.searchsorted(cdf, uniform, right=True).clamp_max(cdf.shape[1] - 1)
+    return draws.view(logits.shape[:-1]).to(logits.device)
