@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from lmscope.errors import LmscopeError
 from lmscope.fsio import atomic_write_json, atomic_write_with
-from lmscope.influence.objectives import logits_of, sampled_targets, token_losses, training_batch
+from lmscope.influence.objectives import activation_gradients_only, logits_of, sampled_targets, token_losses, training_batch
 from lmscope.influence.taps import MODULE_SELECTIONS, LinearTaps, tracked_linears
 from lmscope.progress import Progress, no_progress
 
@@ -176,7 +176,6 @@ def _backward(model: nn.Module, taps: LinearTaps, rows: Tensor, fisher: str, gen
     logits = logits_of(model, batch.inputs)
     targets = sampled_targets(logits, generator) if fisher == "sampled" else batch.targets
     loss = token_losses(logits, targets, batch.mask).sum()
-    model.zero_grad(set_to_none=True)
     loss.backward()
     taps.check_complete()
     return int(batch.mask.sum())
@@ -224,9 +223,13 @@ class _Accumulators:
         self.sequences, self.tokens = (int(v) for v in state["__counts__"].tolist())
 
 
+def _symmetric(matrix: Tensor) -> Tensor:
+    """``(M + Mᵀ) / 2``: float32 products leave covariances asymmetric by rounding."""
+    return 0.5 * (matrix + matrix.T)
+
+
 def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (ascending) and eigenvectors of a symmetric matrix, in float64."""
-    matrix = 0.5 * (matrix + matrix.T)
     values, vectors = torch.linalg.eigh(matrix.double())
     return values.contiguous(), vectors.contiguous()  # contiguous, as when read back from a checkpoint: same kernels, same bits
 
@@ -288,43 +291,43 @@ def fit_factors(
     was_training = model.training
     model.eval()
     try:
-        for pass_index, kind in enumerate(passes):
-            if pass_index < state.pass_index:
-                continue
-            bases = _bases(state.finished, modules) if kind == "lambda" and settings.strategy == "ekfac" else None
-            acc = _Accumulators(kind, shapes, bases)
-            if state.sums and pass_index == state.pass_index:
-                acc.load_state(state.sums)
-            start = state.next_batch if pass_index == state.pass_index else 0
-            last_save = time.monotonic()
-            task = f"influence factors: {'covariances' if kind == 'covariance' else ('eigenvalue correction' if bases else 'diagonal')}"
-            progress(task, start, n_batches)
-            with LinearTaps(modules) as taps:
-                for b in range(start, n_batches):
-                    chunk = torch.as_tensor(np.asarray(rows[b * settings.batch_size : (b + 1) * settings.batch_size]).astype(np.int64))
-                    n_tok = _backward(model, taps, chunk, settings.fisher, generator)
-                    acc.update(taps, chunk.shape[0], n_tok)
-                    progress(task, 1, n_batches)
-                    if checkpoint_path is not None and time.monotonic() - last_save > checkpoint_seconds and b + 1 < n_batches:
-                        _save_checkpoint(checkpoint_path, FitState(pass_index, b + 1, acc.state(), generator.get_state(), state.finished), settings, n_rows)
-                        last_save = time.monotonic()
-            model.zero_grad(set_to_none=True)
-            if kind == "covariance":
-                tokens_seen = acc.tokens
-                for name in modules:
-                    a_cov = acc.sums[f"{name}::A"] / acc.tokens
-                    s_cov = acc.sums[f"{name}::S"] / acc.tokens
-                    a_val, a_vec = _eigh(a_cov)
-                    s_val, s_vec = _eigh(s_cov)
-                    state.finished.update({f"{name}::A": a_cov, f"{name}::S": s_cov, f"{name}::QA": a_vec, f"{name}::EA": a_val,
-                                           f"{name}::QS": s_vec, f"{name}::ES": s_val})
-            else:
-                tokens_seen = tokens_seen or acc.tokens
-                for name in modules:
-                    state.finished[f"{name}::L"] = acc.sums[f"{name}::L"] / acc.sequences
-            state = FitState(pass_index + 1, 0, {}, generator.get_state(), state.finished)
-            if checkpoint_path is not None and pass_index + 1 < len(passes):
-                _save_checkpoint(checkpoint_path, state, settings, n_rows)
+        with activation_gradients_only(model):
+            for pass_index, kind in enumerate(passes):
+                if pass_index < state.pass_index:
+                    continue
+                bases = _bases(state.finished, modules) if kind == "lambda" and settings.strategy == "ekfac" else None
+                acc = _Accumulators(kind, shapes, bases)
+                if state.sums and pass_index == state.pass_index:
+                    acc.load_state(state.sums)
+                start = state.next_batch if pass_index == state.pass_index else 0
+                last_save = time.monotonic()
+                task = f"influence factors: {'covariances' if kind == 'covariance' else ('eigenvalue correction' if bases else 'diagonal')}"
+                progress(task, start, n_batches)
+                with LinearTaps(modules) as taps:
+                    for b in range(start, n_batches):
+                        chunk = torch.as_tensor(np.asarray(rows[b * settings.batch_size : (b + 1) * settings.batch_size]).astype(np.int64))
+                        n_tok = _backward(model, taps, chunk, settings.fisher, generator)
+                        acc.update(taps, chunk.shape[0], n_tok)
+                        progress(task, 1, n_batches)
+                        if checkpoint_path is not None and time.monotonic() - last_save > checkpoint_seconds and b + 1 < n_batches:
+                            _save_checkpoint(checkpoint_path, FitState(pass_index, b + 1, acc.state(), generator.get_state(), state.finished), settings, n_rows)
+                            last_save = time.monotonic()
+                if kind == "covariance":
+                    tokens_seen = acc.tokens
+                    for name in modules:
+                        a_cov = _symmetric(acc.sums[f"{name}::A"] / acc.tokens)
+                        s_cov = _symmetric(acc.sums[f"{name}::S"] / acc.tokens)
+                        a_val, a_vec = _eigh(a_cov)
+                        s_val, s_vec = _eigh(s_cov)
+                        state.finished.update({f"{name}::A": a_cov, f"{name}::S": s_cov, f"{name}::QA": a_vec, f"{name}::EA": a_val,
+                                               f"{name}::QS": s_vec, f"{name}::ES": s_val})
+                else:
+                    tokens_seen = tokens_seen or acc.tokens
+                    for name in modules:
+                        state.finished[f"{name}::L"] = acc.sums[f"{name}::L"] / acc.sequences
+                state = FitState(pass_index + 1, 0, {}, generator.get_state(), state.finished)
+                if checkpoint_path is not None and pass_index + 1 < len(passes):
+                    _save_checkpoint(checkpoint_path, state, settings, n_rows)
     finally:
         model.train(was_training)
     for name in modules:

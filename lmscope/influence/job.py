@@ -35,10 +35,14 @@ DEFAULT_FIT_ROWS = 512
 
 @dataclass
 class Query:
-    """A prompt and the completion whose log-probability is measured."""
+    """A prompt and the completion whose log-probability is measured (as text, or also as token ids)."""
 
     prompt: str
     completion: str
+    prompt_ids: list[int] | None = None
+    """Token ids of the prompt, when known (e.g. a generation's); used instead of encoding ``prompt``."""
+    completion_ids: list[int] | None = None
+    """Token ids of the completion, when known."""
 
 
 @dataclass
@@ -181,6 +185,10 @@ def _digest(positions: np.ndarray) -> str:
 
 def encode_query(tokenizer: Any, query: Query) -> tuple[list[int], list[int]]:
     """Token ids of the prompt and of the completion as the whole text tokenizes (lm-evaluation-harness's split)."""
+    if query.prompt_ids is not None and query.completion_ids is not None:
+        if not query.prompt_ids or not query.completion_ids:
+            raise LmscopeError("a query's prompt or completion token ids are empty; give at least one token of each.")
+        return [int(t) for t in query.prompt_ids], [int(t) for t in query.completion_ids]
     if not query.prompt:
         raise LmscopeError("a query's prompt is empty; give --prompt TEXT (the context the completion follows).")
     if not query.completion:
@@ -201,12 +209,33 @@ def choose_candidates(checkpoint: Checkpoint, query_tokens: list[int], settings:
                                before_step=before, progress=progress)
 
 
+def query_tokens(checkpoint: Checkpoint, queries: list[Query]) -> list[tuple[list[int], list[int]]]:
+    if not queries:
+        raise LmscopeError("no query given; give --prompt and --completion.")
+    return [encode_query(checkpoint.tokenizer, q) for q in queries]
+
+
+def shared_candidates(checkpoint: Checkpoint, encoded: list[tuple[list[int], list[int]]], settings: ScoreSettings, index: Any = None,
+                      progress: Progress = no_progress) -> Candidates:
+    """One candidate set for all queries: the union of each query's (``filtered``), or the ``all`` set."""
+    if settings.candidates == "all":
+        return choose_candidates(checkpoint, [], settings, index, progress)
+    sets = [choose_candidates(checkpoint, p + c, settings, index, progress) for p, c in encoded]
+    reasons: dict[int, list[str]] = {}
+    for q, cands in enumerate(sets):
+        for position, why in cands.reasons.items():
+            reasons.setdefault(position, []).extend(f"query {q + 1}: {w}" if len(sets) > 1 else w for w in why)
+    return Candidates(np.array(sorted(reasons), dtype=np.int64), "filtered", reasons, pool=sets[0].pool)
+
+
 def score_queries(checkpoint: Checkpoint, factors: Factors, queries: list[Query], settings: ScoreSettings, *, index: Any = None,
-                  progress: Progress = no_progress) -> dict[str, Any]:
+                  candidates: Candidates | None = None, progress: Progress = no_progress) -> dict[str, Any]:
     """Score candidate rows for every query; top proponents and opponents with provenance and per-token scores.
 
-    Returns a JSON-ready dict: the settings, and per query its measurement, candidate set, scores of
-    every candidate (``positions``/``scores``), and the ``proponents`` and ``opponents``.
+    All queries are scored in one pass over the candidates (one forward and backward pass per batch of
+    rows, whatever the number of queries), against one candidate set: ``candidates`` when given, else
+    the union of each query's. Returns a JSON-ready dict: the settings, and per query its measurement,
+    the scores of every candidate (``positions``/``scores``), and the ``proponents`` and ``opponents``.
     """
     import torch
 
@@ -214,23 +243,23 @@ def score_queries(checkpoint: Checkpoint, factors: Factors, queries: list[Query]
     from lmscope.influence.scores import prepare_queries, score_batch, score_rows
     from lmscope.influence.taps import tracked_linears
 
-    if not queries:
-        raise LmscopeError("no query given; give --prompt and --completion.")
+    encoded = query_tokens(checkpoint, queries)
     model = checkpoint.model
     modules = tracked_linears(model, factors.settings.modules)
     if {name: (m.out_features, m.in_features + (m.bias is not None)) for name, m in modules.items()} != factors.shapes:
         raise LmscopeError("the factors were fitted on layers of another shape; fit them for this model with `lmscope influence fit`.")
     precond = Preconditioner(factors, settings.damping)
     started = time.perf_counter()
+    prepared = prepare_queries(model, modules, query_batch(encoded), precond, rank=settings.rank)
+    if candidates is None:
+        candidates = shared_candidates(checkpoint, encoded, settings, index, progress)
+    rows = read_rows(checkpoint.source, candidates.positions)
+    all_scores = score_rows(model, modules, prepared, rows, batch_size=settings.batch_size, progress=progress)
     out_queries = []
-    for q_index, query in enumerate(queries):
-        prompt_ids, completion_ids = encode_query(checkpoint.tokenizer, query)
-        prepared = prepare_queries(model, modules, query_batch([(prompt_ids, completion_ids)]), precond, rank=settings.rank)
-        candidates = choose_candidates(checkpoint, prompt_ids + completion_ids, settings, index, progress)
-        rows = read_rows(checkpoint.source, candidates.positions)
-        scores = score_rows(model, modules, prepared, rows, batch_size=settings.batch_size, progress=progress)[0]
+    for q, (query, (prompt_ids, completion_ids)) in enumerate(zip(queries, encoded)):
+        scores = all_scores[q]
         order = np.argsort(-scores, kind="stable")
-        top_pos = order[: settings.top].tolist()
+        top_pos = [k for k in order[: settings.top].tolist() if scores[k] > 0]
         top_neg = [k for k in order[::-1][: settings.top].tolist() if scores[k] < 0]
         picked = sorted(set(top_pos + top_neg))
         details: dict[int, dict[str, Any]] = {}
@@ -238,18 +267,18 @@ def score_queries(checkpoint: Checkpoint, factors: Factors, queries: list[Query]
             chunk = picked[start : start + settings.batch_size]
             _, per_token = score_batch(model, modules, prepared, torch.as_tensor(rows[chunk]), per_token=True)
             for j, k in enumerate(chunk):
-                details[k] = _row_detail(checkpoint, int(candidates.positions[k]), rows[k], per_token[0, j].numpy(), float(scores[k]),
-                                         candidates.reasons.get(int(candidates.positions[k]), []))
+                position = int(candidates.positions[k])
+                details[k] = _row_detail(checkpoint, position, rows[k], per_token[q, j].numpy(), float(scores[k]), candidates.reasons.get(position, []))
         out_queries.append({
             "prompt": query.prompt,
             "completion": query.completion,
             "prompt_tokens": prompt_ids,
             "completion_tokens": completion_ids,
-            "completion_logprob": -float(prepared.measurements[0]),
+            "completion_logprob": -float(prepared.measurements[q]),
             "candidates": {"method": candidates.method, "n": len(candidates), "pool": candidates.pool},
             "positions": candidates.positions.tolist(),
             "scores": scores.tolist(),
-            "proponents": [details[k] for k in top_pos if scores[k] > 0],
+            "proponents": [details[k] for k in top_pos],
             "opponents": [details[k] for k in top_neg],
         })
     return {

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lmscope.errors import LmscopeError
-from lmscope.influence.objectives import TokenBatch, logits_of, token_losses, training_batch
+from lmscope.influence.objectives import TokenBatch, activation_gradients_only, logits_of, token_losses, training_batch
 from lmscope.influence.precondition import Preconditioner
 from lmscope.influence.taps import LinearTaps
 from lmscope.progress import Progress, no_progress
@@ -38,14 +38,12 @@ from lmscope.progress import Progress, no_progress
 def batch_gradients(model: nn.Module, modules: dict[str, nn.Linear], batch: TokenBatch) -> tuple[dict[str, Tensor], Tensor]:
     """Per-row gradients ``{layer: [B, O, I]}`` of the summed masked loss of each row, and the losses ``[B]``."""
     batch = batch.to(next(model.parameters()).device)
-    with LinearTaps(modules) as taps:
+    with LinearTaps(modules) as taps, activation_gradients_only(model):
         logits = logits_of(model, batch.inputs)
         losses = token_losses(logits, batch.targets, batch.mask).sum(dim=1)
-        model.zero_grad(set_to_none=True)
         losses.sum().backward()
         taps.check_complete()
         grads = {name: taps.per_sequence_gradients(name) for name in modules}
-    model.zero_grad(set_to_none=True)
     return grads, losses.detach()
 
 
@@ -84,10 +82,9 @@ def score_batch(model: nn.Module, modules: dict[str, nn.Linear], prepared: Prepa
                 per_token: bool = False) -> tuple[Tensor, Tensor | None]:
     """Scores ``[Q, B]`` of training rows ``[B, L]`` (and per-token scores ``[Q, B, L-1]`` when asked)."""
     batch = training_batch(rows).to(next(model.parameters()).device)
-    with LinearTaps(modules) as taps:
+    with LinearTaps(modules) as taps, activation_gradients_only(model):
         logits = logits_of(model, batch.inputs)
         loss = token_losses(logits, batch.targets, batch.mask).sum()
-        model.zero_grad(set_to_none=True)
         loss.backward()
         taps.check_complete()
         q, b, t = prepared.n_queries, batch.inputs.shape[0], batch.inputs.shape[1]
@@ -112,7 +109,6 @@ def score_batch(model: nn.Module, modules: dict[str, nn.Linear], prepared: Prepa
                 scores += contrib.sum(dim=2)
                 if token_scores is not None:
                     token_scores += contrib
-    model.zero_grad(set_to_none=True)
     return scores, token_scores
 
 
