@@ -159,6 +159,37 @@ class TraceStudyConfig:
 
 
 @dataclass
+class InfluenceStudyConfig:
+    """Influence of the suite's training rows on queries, at several checkpoints (``lmscope influence``'s settings)."""
+
+    enabled: bool = True
+    """Fit factors and score training rows at each selected checkpoint (needs a suite)."""
+    size: str = "1.6m"
+    """Which model of the suite."""
+    select: str = "64,512"
+    """Checkpoints (a selector: ``log:N``, a list of steps, ``A..B``); each gets its own factors."""
+    strategy: Literal["identity", "diagonal", "kfac", "ekfac"] = "ekfac"
+    """Curvature."""
+    fit_rows: int = 128
+    """Training rows (a seeded sample of those each checkpoint had seen) the factors are fitted on."""
+    candidates_top: int = 128
+    """Rows scored per query: the top rows by BM25 against the query (the union over queries)."""
+    completion_tokens: int = 16
+    """With no ``queries``: each traced generation's first this many tokens are the completion."""
+    top: int = 5
+    """Rows shown per query."""
+    queries: list[dict[str, str]] = field(default_factory=list)
+    """Queries ``{prompt = "...", completion = "..."}``; empty: the ``[trace]`` generations."""
+
+    def __post_init__(self) -> None:
+        if self.fit_rows <= 0 or self.candidates_top <= 0 or self.completion_tokens <= 0 or self.top <= 0:
+            raise LmscopeError("[influence] fit_rows, candidates_top, completion_tokens and top must be positive.")
+        for i, query in enumerate(self.queries):
+            if not isinstance(query, dict) or set(query) != {"prompt", "completion"}:
+                raise LmscopeError(f"[influence] queries[{i}] must be a table with exactly the keys prompt and completion.")
+
+
+@dataclass
 class StudyConfig:
     """A study: one model, one corpus, and what to measure. The same object feeds the CLI, the TOML file and the API."""
 
@@ -183,6 +214,8 @@ class StudyConfig:
     """The sparse autoencoder trained on one checkpoint of the suite (skipped when there is no suite)."""
     trace: TraceStudyConfig = field(default_factory=TraceStudyConfig)
     """Generations of one suite checkpoint traced into the training data (skipped when there is no suite)."""
+    influence: InfluenceStudyConfig = field(default_factory=InfluenceStudyConfig)
+    """Influence functions: which training rows raised the probability of the traced generations (skipped when there is no suite)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.activations, dict):
@@ -193,6 +226,8 @@ class StudyConfig:
             self.sae = _from_mapping(SaeStudyConfig, self.sae, "[sae]")
         if isinstance(self.trace, dict):
             self.trace = _from_mapping(TraceStudyConfig, self.trace, "[trace]")
+        if isinstance(self.influence, dict):
+            self.influence = _from_mapping(InfluenceStudyConfig, self.influence, "[influence]")
         if not self.name or any(ch in self.name for ch in "/\\") or self.name.startswith("."):
             raise LmscopeError(f"study name {self.name!r} must be a plain directory name (no slashes, not hidden).")
 
@@ -440,6 +475,39 @@ def _run_trace(config: StudyConfig, suite_dir: Path, run_dir: Path, progress: Pr
     return {**summary, "out": "traces", "identity": identity}
 
 
+def _run_influence(config: StudyConfig, suite_dir: Path, run_dir: Path, trace_summary: dict[str, Any] | None,
+                   progress: Progress) -> dict[str, Any]:
+    """Influence of the suite's rows on the ``[influence]`` queries (or the traced generations) in ``run_dir/influence``."""
+    from lmscope.influence.factors import FactorSettings
+    from lmscope.influence.job import Query, ScoreSettings
+    from lmscope.influence.study_job import run_influence_job, trace_queries
+    from lmscope.suites.catalog import resolve_suite
+    from lmscope.suites.selectors import select_checkpoints
+
+    ic = config.influence
+    spec, identity = _suite_checkpoint(suite_dir, ic.size, None, "[influence]")
+    suite, _ = resolve_suite(str(suite_dir))
+    steps = [c.step for c in select_checkpoints(suite.checkpoints(), ic.select, "[influence] select")]
+    if ic.queries:
+        queries = [Query(q["prompt"], q["completion"]) for q in ic.queries]
+        source = "config"
+    else:
+        if trace_summary is None:
+            raise LmscopeError("[influence] has no queries and [trace] is disabled; give [influence] queries or enable [trace].")
+        if trace_summary["identity"]["size"] != ic.size:
+            raise LmscopeError(f"[influence] size {ic.size!r} differs from [trace] size {trace_summary['identity']['size']!r}, whose "
+                               "generations would be the queries; use the same size or give [influence] queries.")
+        queries = trace_queries(run_dir / trace_summary["out"], ic.completion_tokens, suite_dir / "tokenizer" / "tokenizer.json")
+        source = "trace"
+    summary = run_influence_job(suite_dir, ic.size, steps, queries, run_dir / "influence", identity=identity,
+                                fit=FactorSettings(strategy=ic.strategy, batch_size=16), fit_rows=ic.fit_rows,
+                                score=ScoreSettings(candidates_top=ic.candidates_top, top=ic.top, batch_size=16),
+                                device=config.device, progress=progress)
+    (run_dir / "results").mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "results" / "influence.parquet", (run_dir / "influence" / "results.parquet").read_bytes())
+    return {**summary, "out": "influence", "size": ic.size, "queries_from": source, "identity": identity, "model": spec}
+
+
 def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", progress: Progress = no_progress) -> dict[str, Any]:
     """Run a study into ``runs_dir/<config.name>`` and return its summary (also written to ``summary.json``)."""
     from lmscope.activations.job import capture_corpus_activations
@@ -530,6 +598,12 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         trace_summary = _run_trace(config, Path(suite_summary["path"]), run_dir, progress)
         timings["trace_s"] = time.perf_counter() - clock
 
+    influence_summary = None
+    if suite_summary is not None and config.influence.enabled:
+        clock = time.perf_counter()
+        influence_summary = _run_influence(config, Path(suite_summary["path"]), run_dir, trace_summary, progress)
+        timings["influence_s"] = time.perf_counter() - clock
+
     corpus_stats = {"path": str(corpus_dir), "documents": len(corpus), "tokens": int(corpus.n_tokens), "domains": corpus.domains}
     summary = {
         "study": config.name,
@@ -545,6 +619,7 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         "sae": sae_summary,
         "sae_track": track_summary,
         "trace": trace_summary,
+        "influence": influence_summary,
         "timings": timings,
     }
     _write_study_results(run_dir, config, summary)

@@ -123,6 +123,12 @@ def test_study_config_round_trip_and_bad_keys(tmp_path: Path) -> None:
     path.write_text('[study]\nname = "x"\n[study.trace]\nprompts = []\n')
     with pytest.raises(LmscopeError, match="at least one prompt"):
         load_study_config(path)
+    asked = StudyConfig(name="i", influence={"queries": [{"prompt": "The ", "completion": 'say "x"'}], "select": "log:3"})
+    path.write_text(config_to_toml(asked))
+    assert load_study_config(path) == asked and load_study_config(path).influence.queries[0]["completion"] == 'say "x"'
+    path.write_text('[study]\nname = "x"\n[study.influence]\nqueries = [{prompt = "a"}]\n')
+    with pytest.raises(LmscopeError, match="exactly the keys prompt and completion"):
+        load_study_config(path)
     path.write_text('[study]\nname = "x"\n[study.trace]\nprompt = ["a"]\n')
     with pytest.raises(LmscopeError, match="unknown key\\(s\\) prompt"):
         load_study_config(path)

@@ -445,7 +445,7 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     import pyarrow.parquet as pq
 
     from lmscope.evals.sweep import METRICS
-    from lmscope.study import ActivationsConfig, EvalConfig, SaeStudyConfig, StudyConfig, TraceStudyConfig, run_study
+    from lmscope.study import ActivationsConfig, EvalConfig, InfluenceStudyConfig, SaeStudyConfig, StudyConfig, TraceStudyConfig, run_study
     from lmscope.suites.replay import open_source, replay_step
 
     suite = trained["suite"]
@@ -454,7 +454,9 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
                          eval=EvalConfig(select=f"0,{STEPS}", documents_per_domain=2, memorization_sequences=16),
                          sae=SaeStudyConfig(size="s32", hook="blocks.1.hook_resid_post", width=128, k=4, tokens=4096,
                                             epochs=2, batch_size=256, cards=3, track_select=f"0,{STEPS}", track_cards=2),
-                         trace=TraceStudyConfig(size="s64", prompts=["def ", "import "], max_new_tokens=24, min_length=3))
+                         trace=TraceStudyConfig(size="s64", prompts=["def ", "import "], max_new_tokens=24, min_length=3),
+                         influence=InfluenceStudyConfig(size="s64", select=f"10,{STEPS}", fit_rows=32, candidates_top=24, top=3,
+                                                        completion_tokens=8))
     result = run_study(config, tmp_path)
     summary = result["suite"]
     check = trained["summary"]
@@ -506,7 +508,35 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     assert sae["identity"]["step"] == STEPS and sae["reconstruction"]["l0"] == 4.0 and sae["reconstruction"]["fvu"] < 1
     sae_rows = {r["metric"]: r for r in pq.read_table(run / "results" / "sae.parquet").to_pylist()}
     assert sae_rows["sae_fvu"]["value"] == sae["reconstruction"]["fvu"] and sae_rows["sae_fvu"]["model"] == "s32"
-    assert len(images) == 10 and "Memorization of training sequences against when they were seen" in images
+    # influence: the traced generations are the queries; each checkpoint's measurement is the completion's log-probability,
+    # recomputed here with a plain forward pass; every shown row is the train.bin row at its position
+    influence = result["influence"]
+    assert influence["steps"] == [10, STEPS] and influence["queries_from"] == "trace" and "influence functions" in page
+    across = json.loads((run / "influence" / "across.json").read_text())
+    rows_data = MegatronDataset(suite / "data" / "train")
+    for q, entry in enumerate(trace["traces"]):
+        data = json.loads((run / "traces" / entry["json"]).read_text())
+        ids = torch.tensor([data["prompt_tokens"] + data["tokens"][:8]])
+        for step in (10, STEPS):
+            from lmscope.models.loading import load_model
+
+            model = load_model(f"{suite}/s64@step{step}", device="cpu").model
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+            expected = float(logp[len(data["prompt_tokens"]) - 1:].sum())
+            assert abs(across["queries"][q]["completion_logprob"][f"step{step}"] - expected) < 1e-3
+        final = json.loads((run / "influence" / f"step{STEPS}.json").read_text())["queries"][q]
+        for row in final["proponents"] + final["opponents"]:
+            assert row["step"] == row["position"] // BATCH and row["seen"] == (row["position"] < BATCH * STEPS)
+            assert len(row["token_scores"]) == SEQ and row["token_ids"] == np.asarray(rows_data.get(row["position"]))[:-1].tolist()
+        for row in across["queries"][q]["top"]:
+            assert row["seen_by"] == [f"step{s}" for s in (10, STEPS) if row["position"] < BATCH * s]
+    positions = json.loads((run / "influence" / f"step{STEPS}.json").read_text())["queries"][0]["positions"]
+    assert len(positions) >= 24 and all(0 <= p < BATCH * STEPS for p in positions)
+    influence_rows = pq.read_table(run / "results" / "influence.parquet").to_pylist()
+    assert {r["metric"] for r in influence_rows} == {"influence_completion_logprob", "influence_top_score", "influence_top_rows_seen"}
+    assert len(images) == 11 and "Memorization of training sequences against when they were seen" in images
+    assert "Influence against the step each row was trained at" in images
     assert "SAE latents across training" in images
     # nothing loaded by URL (the corpus text shown in cards may mention URLs, escaped, as text)
     assert not re.search(r"(src|href)\s*=\s*['\"](?!data:)", page) and "<script" not in page

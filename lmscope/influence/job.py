@@ -310,6 +310,7 @@ def _row_detail(checkpoint: Checkpoint, position: int, row: np.ndarray, token_sc
         "score": score,
         "reasons": reasons,
         "documents": pieces,
+        "token_ids": [int(t) for t in inputs.tolist()],
         "tokens": texts,
         "token_scores": [float(v) for v in token_scores.tolist()],
     }

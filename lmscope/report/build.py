@@ -176,6 +176,77 @@ def _trace_section(run_dir: Path, trace: dict[str, Any]) -> Section:
     return Section("Tracing generations into the training data", paragraphs, items)
 
 
+def _short_text(text: str, limit: int = 60) -> str:
+    text = text.replace("\n", "⏎")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _influence_section(run_dir: Path, influence: dict[str, Any], trace: dict[str, Any] | None) -> Section:
+    """Per query: the rows that most raised the completion's probability, their steps, documents and token shares."""
+    import pyarrow.parquet as pq
+
+    from lmscope.report.html import Figure, ScoredText
+    from lmscope.report.plots import plot_influence_by_exposure
+
+    out = run_dir / influence["out"]
+    across = json.loads((out / "across.json").read_text())
+    steps = across["steps"]
+    last = steps[-1]
+    final = json.loads((out / f"step{last}.json").read_text())
+    paragraphs = [
+        f"Influence functions (Grosse et al. 2023, with {influence['strategy'].upper()} curvature as kronfluence computes it) "
+        f"ask which training rows, upweighted, would most raise the log-probability of a completion. The {influence['size']} "
+        f"model was analysed at checkpoints {', '.join(f'step{s}' for s in steps)}; each checkpoint's factors were fitted on "
+        f"{influence['fit_rows']} rows it had been trained on. Candidates: the {influence['candidates_top']} training rows "
+        "closest to each query by BM25 (the paper used TF-IDF), the same rows at every checkpoint. Because the data order is "
+        "known, every row comes with the step it was trained at, so each score says whether the checkpoint had seen it.",
+        "Queries: " + ("the traced generations above (prompt → the first tokens the model generated), so exact-match tracing "
+                       "and influence answer the same question in two ways." if influence.get("queries_from") == "trace"
+                       else "those of the study's [influence] table."),
+    ]
+    items: list[Any] = []
+    trace_docs: list[set[str]] = []
+    if trace and influence.get("queries_from") == "trace":
+        for entry in trace["traces"]:
+            data = json.loads((run_dir / trace["out"] / entry["json"]).read_text())
+            trace_docs.append({d["doc_id"] for d in data["documents"]})
+    scores = pq.read_table(out / "scores.parquet")
+    titles = [_short_text(f"{q['prompt']!r} → {q['completion']!r}", 48) for q in across["queries"]]
+    png = plot_influence_by_exposure(scores, last, titles, run_dir / "figures" / "influence_by_exposure.png")
+    for q, query in enumerate(across["queries"]):
+        logprobs = ", ".join(f"{k} {v:.2f}" for k, v in query["completion_logprob"].items())
+        rows = []
+        for rank, row in enumerate(query["top"], start=1):
+            entry = {"rank": rank, "summed score": row["total"]}
+            entry.update({f"at {k}": v for k, v in row["scores"].items()})
+            entry["trained at step"] = row["step"]
+            entry["seen by"] = ", ".join(row["seen_by"]) or "none of these checkpoints"
+            entry["documents"] = "; ".join(f"{d['doc_id']} ({d['domain']})" for d in row["documents"])
+            rows.append(entry)
+        overlap = ""
+        if q < len(trace_docs):
+            docs = {d["doc_id"] for row in query["top"] for d in row["documents"]}
+            shared = docs & trace_docs[q]
+            overlap = (f" {len(shared)} of the {len(docs)} documents in these rows also hold an exact match of the generation "
+                       f"(tracing above).")
+        items.append(Table(f"{q + 1}. {_short_text(query['prompt'], 40)!r} → {_short_text(query['completion'], 80)!r}: "
+                           f"the most influential rows, summed over checkpoints (log p of the completion: {logprobs}).{overlap}", rows, 3))
+        for row in final["queries"][q]["proponents"][:2]:
+            docs = "; ".join(f"{d['doc_id']} ({d['domain']}, {d['score']:.3g})" for d in row["documents"] if d.get("doc_id"))
+            items.append(ScoredText(
+                f"Row {row['position']} (trained at step {row['step']}), influence {row['score']:.3g} at step{last}",
+                row["tokens"], row["token_scores"],
+                f"Each token shaded by its share of the row's influence (green raises the completion, red lowers it). "
+                f"Documents, with their shares: {docs}."))
+    items.append(Figure(
+        "Influence against the step each row was trained at", png,
+        f"At step{last}, {sum(1 for r in scores.to_pylist() if r['checkpoint_step'] == last and r['score'] > 0)} of "
+        f"{sum(1 for r in scores.to_pylist() if r['checkpoint_step'] == last)} candidate scores are positive.",
+        f"Each dot is one candidate row: x, the training step at which it was used; y, its influence on the completion at "
+        f"step{last} (positive: upweighting it raises the completion's probability). Hollow: rows trained after the checkpoint."))
+    return Section("Which training rows made the model say this (influence functions)", paragraphs, items)
+
+
 def build_report(run_dir: str | os.PathLike[str], summary: dict[str, Any] | None = None,
                  command: str = "lmscope study") -> Path:
     """Write ``run_dir/report.html`` (and ``run_dir/figures/*.png``) from the run's summary and results; returns its path."""
@@ -224,6 +295,9 @@ def build_report(run_dir: str | os.PathLike[str], summary: dict[str, Any] | None
     trace = summary.get("trace")
     if trace:
         sections.append(_trace_section(run_dir, trace))
+    influence = summary.get("influence")
+    if influence:
+        sections.append(_influence_section(run_dir, influence, trace))
 
     activations = summary.get("activations") or []
     if activations:

@@ -45,6 +45,7 @@ code { background: #f5f5f7; padding: 0.05em 0.3em; border-radius: 3px; }
 .ctx .src { color: #888; font-family: -apple-system, "Segoe UI", Roboto, sans-serif; font-size: 0.85em; }
 .bars { display: flex; align-items: flex-end; height: 36px; gap: 1px; margin: 0.3em 0; }
 .bars span { background: #5c6bc0; width: 8px; display: inline-block; }
+.scored span { border-radius: 2px; }
 .tok { font-family: ui-monospace, Menlo, Consolas, monospace; background: #eef; padding: 0 3px; margin-right: 3px; border-radius: 3px; }
 """
 
@@ -109,10 +110,20 @@ class Passage:
 
 
 @dataclass
+class ScoredText:
+    """Tokens shaded by a signed score (green: positive, red: negative; the strongest fully), with a caption."""
+
+    title: str
+    tokens: Sequence[str]
+    scores: Sequence[float]
+    caption: str = ""
+
+
+@dataclass
 class Section:
     heading: str
     paragraphs: list[str] = field(default_factory=list)
-    items: list[Figure | Table | Cards | Passage] = field(default_factory=list)
+    items: list[Figure | Table | Cards | Passage | ScoredText] = field(default_factory=list)
 
 
 def _cell(value: Any, digits: int) -> tuple[str, bool]:
@@ -178,7 +189,20 @@ def _passage(passage: Passage) -> str:
     return f"<h3>{html.escape(passage.title)}</h3><div class='ctx passage'>{text}</div>{caption}"
 
 
-def _item(item: Figure | Table | Cards | Passage) -> str:
+def _scored(item: ScoredText) -> str:
+    top = max((abs(v) for v in item.scores), default=0.0) or 1.0
+    spans = []
+    for token, value in zip(item.tokens, item.scores):
+        alpha = min(1.0, abs(value) / top)
+        colour = f"rgba(46,125,50,{alpha:.2f})" if value >= 0 else f"rgba(198,40,40,{alpha:.2f})"
+        spans.append(f"<span style='background:{colour}' title='{value:.3g}'>{html.escape(token)}</span>")
+    caption = f"<p class='explain'>{html.escape(item.caption)}</p>" if item.caption else ""
+    return f"<h3>{html.escape(item.title)}</h3><div class='ctx scored'>{''.join(spans)}</div>{caption}"
+
+
+def _item(item: Figure | Table | Cards | Passage | ScoredText) -> str:
+    if isinstance(item, ScoredText):
+        return _scored(item)
     if isinstance(item, Figure):
         return _figure(item)
     if isinstance(item, Cards):

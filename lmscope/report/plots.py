@@ -347,3 +347,33 @@ def plot_lineage_density(timeline: Rows, lineages: list[int], out_png: str | os.
     axis.legend(fontsize=8, ncol=2)
     figure.tight_layout()
     return _save(figure, out_png)
+
+
+def plot_influence_by_exposure(scores: Rows, checkpoint_step: int, titles: list[str], out_png: str | os.PathLike[str]) -> Path:
+    """Each candidate row's influence at ``checkpoint_step`` against the step it was trained at; one panel per query.
+
+    ``scores``: rows of an influence ``scores.parquet`` (query, checkpoint_step, position, step, seen, score).
+    Rows the checkpoint had not yet seen are drawn hollow.
+    """
+    plt = _pyplot()
+    rows = [r for r in _rows(scores) if r["checkpoint_step"] == checkpoint_step]
+    if not rows:
+        raise LmscopeError(f"no influence scores at checkpoint step {checkpoint_step} to plot.")
+    figure, axes = _panels(plt, len(titles), width=5.2, height=3.6)
+    for q, (axis, title) in enumerate(zip(axes, titles)):
+        mine = [r for r in rows if r["query"] == q]
+        seen = [r for r in mine if r["seen"]]
+        unseen = [r for r in mine if not r["seen"]]
+        axis.scatter([r["step"] for r in seen], [r["score"] for r in seen], s=10, color="#1565c0", alpha=0.7, label="trained before the checkpoint")
+        if unseen:
+            axis.scatter([r["step"] for r in unseen], [r["score"] for r in unseen], s=10, facecolors="none", edgecolors="#888",
+                         label="trained after it")
+        axis.axhline(0, color="grey", linewidth=0.8)
+        axis.set_xlabel("training step of the row")
+        axis.set_ylabel(f"influence at step {checkpoint_step}")
+        axis.set_title(title, fontsize=9)
+        axis.grid(alpha=0.3)
+        if q == 0:
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    return _save(figure, out_png)
