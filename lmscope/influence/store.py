@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from lmscope.errors import LmscopeError
 from lmscope.fsio import atomic_path, atomic_write_json, directory_lock
 from lmscope.influence.factors import layer_shapes
-from lmscope.influence.objectives import TokenBatch, logits_of, token_losses, training_batch
+from lmscope.influence.objectives import TokenBatch, activation_gradients_only, logits_of, token_losses, training_batch
 from lmscope.influence.precondition import HEURISTIC_SCALE, parse_damping
 from lmscope.influence.taps import LinearTaps
 from lmscope.progress import Progress, no_progress
@@ -161,10 +161,9 @@ def project_batch(model: nn.Module, modules: dict[str, nn.Linear], projections: 
     device = next(model.parameters()).device
     batch = batch.to(device)
     parts = []
-    with LinearTaps(modules) as taps:
+    with LinearTaps(modules) as taps, activation_gradients_only(model):
         logits = logits_of(model, batch.inputs)
         losses = token_losses(logits, batch.targets, batch.mask).sum(dim=1)
-        model.zero_grad(set_to_none=True)
         losses.sum().backward()
         taps.check_complete()
         for name in modules:
@@ -172,7 +171,6 @@ def project_batch(model: nn.Module, modules: dict[str, nn.Linear], projections: 
             out_side = taps.output_grads[name] @ p_out.T  # [B, T, k_o]
             in_side = taps.activations[name] @ p_in.T  # [B, T, k_i]
             parts.append(torch.einsum("bto,bti->boi", out_side, in_side).reshape(out_side.shape[0], -1))
-    model.zero_grad(set_to_none=True)
     return torch.cat(parts, dim=1).cpu(), losses.detach().cpu()
 
 
