@@ -143,3 +143,35 @@ def test_bad_input_gets_one_sentence(planted: dict, tmp_path: Path, capsys: pyte
     with pytest.raises(LmscopeError, match="completion is empty"):
         score_queries(planted["checkpoint"], __import__("lmscope.influence.factors", fromlist=["Factors"]).Factors.load(tmp_path / "g"),
                       [Query("a", "")], ScoreSettings())
+
+
+def test_gradient_store_and_across_training_commands(planted: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = f"{planted['suite']}/s64@step{STEPS}"
+    seen = [r for r in planted["holding"] if r < STEPS * BATCH]
+
+    def run(args: list[str]) -> dict:
+        with pytest.raises(SystemExit) as info:
+            main(args + ["--json"])
+        assert info.value.code in (0, None)
+        return json.loads(capsys.readouterr().out)
+
+    built = run(["influence", "store", spec, "--out", str(tmp_path / "store"), "--dim-per-layer", "256", "--batch-size", "16"])
+    assert built["rows"] == STEPS * BATCH and built["dim"] == 256 * 8
+    for strategy in ("identity", "fisher"):
+        result = run(["influence", "score", spec, "--store", str(tmp_path / "store"), "--store-strategy", strategy,
+                      "--prompt", PROMPT, "--completion", COMPLETION, "--top", "10"])
+        query = result["queries"][0]
+        assert query["positions"] == list(range(STEPS * BATCH))
+        top = [row["position"] for row in query["proponents"]]
+        assert len(set(top) & set(seen)) / min(10, len(seen)) >= 0.6, (strategy, top, seen)
+        for row in query["proponents"]:
+            assert abs(sum(row["token_scores"]) - row["exact_score"]) <= 1e-3 * abs(row["exact_score"]) + 1e-6
+    across = run(["influence", "across", f"{planted['suite']}/s64", "--select", f"100,{STEPS}", "--prompt", PROMPT, "--completion", COMPLETION,
+                  "--out", str(tmp_path / "across"), "--fit-rows", "32", "--candidates-top", "24", "--top", "5", "--batch-size", "16"])
+    assert across["steps"] == [100, STEPS]
+    logprob = across["queries"][0]["completion_logprob"]
+    assert logprob[f"step{STEPS}"] > logprob["step100"]  # the fact is learned during training
+    for row in across["queries"][0]["top"]:
+        assert row["step"] == row["position"] // BATCH
+        assert row["seen_by"] == [f"step{s}" for s in (100, STEPS) if row["position"] < BATCH * s]
+        assert abs(row["total"] - sum(row["scores"].values())) <= 1e-9 * abs(row["total"]) + 1e-9

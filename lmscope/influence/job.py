@@ -338,3 +338,109 @@ def write_scores_parquet(result: dict[str, Any], path: str | os.PathLike[str]) -
                       "score": pa.array(cols["score"], pa.float64())})
     atomic_write_with(path, lambda p: pq.write_table(table, p))
     return Path(path)
+
+
+# -- the gradient store ----------------------------------------------------------------------------
+
+STORE_POSITIONS = "positions.npy"
+
+
+def build_checkpoint_store(checkpoint: Checkpoint, out_dir: str | os.PathLike[str], *, n_rows: int | None = None, dim_per_layer: int = 256,
+                           modules: str = "blocks", seed: int = 0, batch_size: int = 8, progress: Progress = no_progress) -> Any:
+    """A gradient store (:mod:`lmscope.influence.store`) of the rows the checkpoint had seen (a seeded sample of ``n_rows``, or all).
+
+    The training-order positions of the stored rows are saved as ``positions.npy`` beside it; the store's
+    model identity names the checkpoint and those positions, so a store is reused only for the same ones.
+    """
+    from lmscope.fsio import atomic_write_with
+    from lmscope.influence.store import GradientStore
+    from lmscope.influence.taps import tracked_linears
+
+    pool = checkpoint.seen_rows or checkpoint.source.batch_size * checkpoint.source.num_steps
+    if n_rows is None or n_rows >= pool:
+        positions = np.arange(pool, dtype=np.int64)
+    else:
+        positions = fit_rows_positions(checkpoint, n_rows, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {"model": checkpoint.spec, "step": checkpoint.step, "modules": modules, "positions_sha": _digest(positions)}
+    rows = read_rows(checkpoint.source, positions, progress)
+    store = GradientStore.build(checkpoint.model, tracked_linears(checkpoint.model, modules), rows, out, dim_per_layer=dim_per_layer,
+                                seed=seed, batch_size=batch_size, model_identity=identity, progress=progress)
+    def write(path: Path) -> None:
+        with open(path, "wb") as handle:  # a file object: np.save would add ".npy" to a bare temporary name
+            np.save(handle, positions)
+
+    atomic_write_with(out / STORE_POSITIONS, write)
+    return store
+
+
+def score_with_store(checkpoint: Checkpoint, store_dir: str | os.PathLike[str], queries: list[Query], *, strategy: str = "fisher",
+                     damping: float | str = "heuristic", top: int = 10, batch_size: int = 8) -> dict[str, Any]:
+    """Scores of every stored row for each query from the gradient store (no training gradient recomputed).
+
+    The top rows are then rescored exactly, token by token, with gradient dot products (``exact_score``,
+    ``token_scores``), so their highlights are exact while the ranking is the store's.
+    """
+    import torch
+
+    from lmscope.influence.factors import Factors, FactorSettings
+    from lmscope.influence.objectives import query_batch
+    from lmscope.influence.scores import prepare_queries, score_batch
+    from lmscope.influence.store import GradientStore
+    from lmscope.influence.taps import tracked_linears
+
+    store = GradientStore.open(store_dir)
+    identity = store.model
+    if identity.get("model") != checkpoint.spec:
+        raise LmscopeError(f"the gradient store in {str(store_dir)!r} is of {identity.get('model')!r}, not {checkpoint.spec!r}; "
+                           "build a store for this checkpoint with `lmscope influence store`.")
+    try:
+        positions = np.load(Path(store_dir) / STORE_POSITIONS)
+    except (OSError, ValueError, EOFError) as err:
+        raise LmscopeError(f"{str(Path(store_dir) / STORE_POSITIONS)!r} could not be read ({err}); build the store again with "
+                           "`lmscope influence store`.") from None
+    if positions.shape != (store.n_rows,):
+        raise LmscopeError(f"{STORE_POSITIONS} in {str(store_dir)!r} lists {positions.shape[0]} rows but the store holds {store.n_rows}; "
+                           "build the store again.")
+    modules = tracked_linears(checkpoint.model, identity.get("modules", "blocks"))
+    store.check_modules(modules)
+    encoded = query_tokens(checkpoint, queries)
+    started = time.perf_counter()
+    projected, measurements = store.project_batch(checkpoint.model, modules, query_batch(encoded))
+    all_scores = store.scores(projected, strategy=strategy, damping=damping)
+    seconds = time.perf_counter() - started
+    identity_factors = Factors(FactorSettings(strategy="identity", modules=identity.get("modules", "blocks")), {}, {})
+    exact = prepare_queries(checkpoint.model, modules, query_batch(encoded), Preconditioner(identity_factors))
+    out_queries = []
+    for q, (query, (prompt_ids, completion_ids)) in enumerate(zip(queries, encoded)):
+        scores = all_scores[q]
+        order = np.argsort(-scores, kind="stable")
+        top_pos = [k for k in order[:top].tolist() if scores[k] > 0]
+        top_neg = [k for k in order[::-1][:top].tolist() if scores[k] < 0]
+        picked = sorted(set(top_pos + top_neg))
+        rows = read_rows(checkpoint.source, positions[picked]) if picked else np.zeros((0, checkpoint.source.row_length), np.int64)
+        details: dict[int, dict[str, Any]] = {}
+        for start in range(0, len(picked), batch_size):
+            chunk = list(range(start, min(start + batch_size, len(picked))))
+            exact_scores, per_token = score_batch(checkpoint.model, modules, exact, torch.as_tensor(rows[chunk]), per_token=True)
+            for j, c in enumerate(chunk):
+                k = picked[c]
+                detail = _row_detail(checkpoint, int(positions[k]), rows[c], per_token[q, j].numpy(), float(scores[k]), [])
+                detail["exact_score"] = float(exact_scores[q, j])
+                details[k] = detail
+        out_queries.append({
+            "prompt": query.prompt, "completion": query.completion, "prompt_tokens": prompt_ids, "completion_tokens": completion_ids,
+            "completion_logprob": -float(measurements[q]),
+            "candidates": {"method": "store", "n": int(len(positions)), "pool": int(len(positions))},
+            "positions": positions.tolist(), "scores": scores.tolist(),
+            "proponents": [details[k] for k in top_pos], "opponents": [details[k] for k in top_neg],
+        })
+    return {
+        "model": checkpoint.spec, "suite": str(checkpoint.source.root), "checkpoint_step": checkpoint.step,
+        "batch_size": checkpoint.source.batch_size,
+        "store": {"path": str(store_dir), "strategy": strategy, "damping": store.damping(damping) if strategy == "fisher" else None,
+                  "dim": store.dim, "n_rows": store.n_rows},
+        "seconds": round(seconds, 3),
+        "queries": out_queries,
+    }
