@@ -224,3 +224,47 @@ def across(
                       "documents": "; ".join(f"{d['doc_id']} ({d['domain']})" for d in row["documents"])}
                      for r, row in enumerate(q["top"], start=1)], title="rows by influence summed over checkpoints")
     stdout.print(f"written: {out / 'across.json'}, {out / 'scores.parquet'}", highlight=False)
+
+
+@influence_app.command("lds")
+def lds(
+    suite_dir: Annotated[Path, typer.Argument(help="A mini suite directory (from `lmscope suite train`).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (rerun to resume: finished retrainings are kept).")],
+    size: Annotated[str | None, typer.Option(help="Model size to retrain (default: the suite's smallest).")] = None,
+    steps: Annotated[int, typer.Option(help="Updates of the shortened run (the first N of the suite's data order and schedule).")] = 64,
+    subsets: Annotated[int, typer.Option(help="Random subsets retrained (M).")] = 16,
+    fraction: Annotated[float, typer.Option(help="Share of the run's rows each subset keeps.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the subsets.")] = 0,
+    methods: Annotated[str, typer.Option(help="Comma-separated: identity, diagonal, kfac, ekfac.")] = "identity,diagonal,kfac,ekfac",
+    damping: Annotated[str, typer.Option(help="A number or 'heuristic'.")] = "1e-8",
+    modules: Annotated[str, typer.Option(help="Linear layers: blocks, mlp, attention or all.")] = "blocks",
+    fisher: Annotated[str, typer.Option(help="sampled or empirical.")] = "sampled",
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A query's prompt (with --completion); default: held-out documents.")] = None,
+    completion: Annotated[list[str] | None, typer.Option("--completion", help="The completion whose loss is measured.")] = None,
+    heldout_queries: Annotated[int, typer.Option("--heldout-queries", help="Without --prompt: queries cut from this many held-out documents.")] = 4,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Held-out queries: prompt length in tokens.")] = 32,
+    completion_tokens: Annotated[int, typer.Option("--completion-tokens", help="Held-out queries: completion length in tokens.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per pass when fitting and scoring.")] = 8,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    json_output: JsonOption = False,
+) -> None:
+    """Linear datamodeling score: retrain on random half subsets of a shortened run, and rank-correlate each method's predicted
+    change of the completion's log-probability with the actual one (Spearman, per query)."""
+    from lmscope.influence.lds import LdsSettings, heldout_queries as cut_heldout, plot_lds, run_lds
+
+    settings = LdsSettings(size=size, n_steps=steps, n_subsets=subsets, fraction=fraction, seed=seed,
+                           methods=tuple(m.strip() for m in methods.split(",") if m.strip()), damping=damping, modules=modules,
+                           fisher=fisher, batch_size=batch_size, device=device)
+    if prompt or completion:
+        queries: list[Any] = _queries(prompt or [], completion or [])
+    else:
+        queries = cut_heldout(suite_dir, heldout_queries, prompt_tokens, completion_tokens)
+    with progress_bars(enabled=not json_output) as progress:
+        result = run_lds(suite_dir, queries, settings, out, progress=progress)
+    if json_output:
+        print_json(result)
+        return
+    print_table([{"method": name, "mean LDS": entry["mean_lds"], "queries": entry["n_finite"],
+                  "per query": ", ".join(f"{v:.2f}" for v in entry["per_query"])} for name, entry in result["methods"].items()],
+                title=f"LDS over {subsets} retrained subsets ({steps} steps of {result['size']})")
+    stdout.print(f"written: {out / 'lds.json'}, {out / 'lds.parquet'}, {out / 'lds.png'}", highlight=False)
