@@ -82,6 +82,7 @@ bench: setup dev
 	$(PY) bench/activations.py
 	$(PY) bench/index.py
 	$(PY) bench/sae.py
+	$(PY) bench/influence.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
