@@ -37,13 +37,14 @@ lmscope's normalisation uses (the first ``min(n_rows, 65536)`` rows of the epoch
 latents with coefficient 1/32; a latent is dead once it has not fired for more than ``steps // 10``
 steps (SAELens ``dead_feature_window``; lmscope ``dead_tokens = (window + 1) × batch``, the same rule); inputs scaled
 to ``E‖x‖² ≈ d_in`` (``expected_average_only_in``); SAELens starts from lmscope's initial weights
-(random unit decoder rows, encoder = their transpose, ``b_dec`` = mean of the scaled sample); no
+(random unit decoder rows, encoder = their transpose times the scalar that makes the initial reconstruction
+of the scaled sample least-squares optimal, as lmscope's ``fit_encoder_scale`` does; ``b_dec`` = mean of the
+scaled sample); both clip the gradient norm to 1 before every Adam step (SAELens hard-codes it); no
 wandb, evaluation, checkpoints or sparsity logging in SAELens; no checkpoints or log rows in lmscope
 until the end.
 
 **Differences left** (not settable in one or the other):
 
-- SAELens clips the gradient norm to 1 at every step (hard-coded in ``SAETrainer``); lmscope does not clip.
 - AuxK: lmscope's is ``Σ‖e − ê‖² / Σ‖e − ē‖²`` with ReLU'd auxiliary activations; SAELens's is
   ``mean ‖e − ê‖²`` (not normalised) times ``min(#dead / aux_k, 1)``, with auxiliary activations not ReLU'd.
 - Decoder: lmscope keeps rows at unit norm (parallel gradient removed, rows renormalised each step).
@@ -275,9 +276,19 @@ def make_plan(config: BenchConfig, d_in: int, n_rows: int, seed: int) -> Plan:
 
 
 def initial_weights(plan: Plan, hook: str, sample: torch.Tensor) -> tuple[SparseAutoencoder, float]:
-    """lmscope's initial SAE (its constructor with the run's seed) and lmscope's input scale on ``sample``."""
+    """lmscope's initial SAE and lmscope's input scale on ``sample``, as :func:`lmscope.sae.train.train_sae` starts.
+
+    The constructor with the run's seed, ``b_dec`` = the mean of the scaled sample, then the encoder scale fitted on
+    the scaled sample (:func:`lmscope.sae.train.fit_encoder_scale`, lmscope's default ``fit_encoder_scale=True``).
+    """
+    from lmscope.sae.train import fit_encoder_scale
+
     sae = SparseAutoencoder(SaeShape(d_in=plan.d_in, width=plan.width, arch="topk", k=plan.k, hook=hook), seed=plan.seed)
     scale = math.sqrt(plan.d_in / float(sample.double().pow(2).sum(-1).mean()))
+    scaled = sample.double() * scale
+    with torch.no_grad():
+        sae.b_dec.copy_(scaled.mean(0).float())
+    fit_encoder_scale(sae, scaled)
     return sae, scale
 
 

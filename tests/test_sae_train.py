@@ -31,6 +31,7 @@ from lmscope.sae.train import (
     SaeTrainConfig,
     TrainPlan,
     batch_topk_pattern,
+    fit_encoder_scale,
     learning_rate,
     per_row_pattern,
     plan_training,
@@ -41,6 +42,8 @@ from lmscope.sae.train import (
     topk_pattern,
     trained_parameters,
     train_sae,
+    _Run,
+    _store_source,
 )
 
 D, N_TRUE, ACTIVE, VOCAB, ROWS, CTX, D_OUT = 32, 48, 3, 8192, 16384, 64, 12
@@ -495,6 +498,55 @@ def test_a_sigkilled_run_resumes_bitwise_identical(store: ActivationStore, store
 
 
 # -- schedule, plan and refusals -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_fitted_encoder_scale_is_the_least_squares_scale(arch: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 16, generator=g, dtype=torch.float64) * 2.0 + 0.5
+    sae = SparseAutoencoder(SaeShape(d_in=16, width=64, arch=arch, k=4), seed=1)
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0).float())
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+
+    def sse(scale: float) -> float:  # brute force: the dense forward pass with the encoder scaled, on the fit's chunks
+        probe = SparseAutoencoder(sae.shape)
+        probe.load_state_dict({**sae.state_dict(), "W_enc": before["W_enc"] * scale})
+        with torch.no_grad():
+            return sum(float((c.float() - probe.decode(probe.activate(probe.pre_acts(c.float()), batch_topk=True))).double()
+                             .pow(2).sum()) for c in x.split(256))
+
+    alpha = fit_encoder_scale(sae, x, chunk=256)
+    assert torch.allclose(sae.W_enc, before["W_enc"] * alpha) and torch.equal(sae.W_dec, before["W_dec"])
+    # the seeded encoder over-reconstructs; the fitted scale is the parabola's minimum
+    assert 0 < alpha < 1 and sse(alpha) < sse(1.0)
+    assert sse(alpha) <= min(sse(alpha * 0.98), sse(alpha * 1.02))
+    # SSE(s) = A - 2 s B + s² C (the top-k choice does not depend on s > 0): its vertex B / C from three points
+    a, b, c = sse(0.0), sse(alpha), sse(2 * alpha)
+    curvature = (a - 2 * b + c) / (2 * alpha**2)
+    slope = (4 * alpha**2 * curvature - (c - a)) / (4 * alpha)
+    assert slope / curvature == pytest.approx(alpha, rel=1e-4)
+    with pytest.raises(LmscopeError, match="needs a topk or batchtopk SAE"):
+        fit_encoder_scale(SparseAutoencoder(SaeShape(d_in=16, width=64, arch="relu")), x)
+
+
+def test_a_fresh_topk_run_starts_from_the_seeded_sae_with_the_fitted_encoder(store: ActivationStore) -> None:
+    from lmscope.sae.train import _sample
+
+    sample = _sample(store, "resid", 0)
+    for fit in (True, False):
+        config = _config(fit_encoder_scale=fit)
+        run = _Run(config, plan_training(config, store), _store_source(store, None), torch.device("cpu"))
+        run.initialise(sample, None)
+        scale = math.sqrt(D / float(sample.pow(2).sum(-1).mean()))
+        expected = SparseAutoencoder(run.sae.shape, seed=0)
+        with torch.no_grad():
+            expected.b_dec.copy_((sample * scale).mean(0).float())
+        if fit:
+            assert fit_encoder_scale(expected, sample * scale) < 1
+        assert float(run.sae.input_scale) == pytest.approx(scale, rel=1e-6)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert torch.equal(getattr(run.sae, name), getattr(expected, name)), (fit, name)
 
 
 def test_learning_rate_schedule() -> None:
