@@ -453,7 +453,9 @@ def _read_measurements(path: Path, n_queries: int) -> np.ndarray | None:
 def _checkpoint_match(run: _Run, model: Any) -> dict[str, Any]:
     """How the full run's weights compare with the suite's own checkpoint ``step{n_steps}`` (when the suite kept it)."""
     from transformers import GPTNeoXForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # lmscope reports its own progress; HF's bar would interleave
     path = run.suite_dir / run.size.label / "checkpoints" / f"step{run.n_steps}"
     threads = torch.get_num_threads()
     if not (path / "config.json").is_file():
