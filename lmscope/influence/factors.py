@@ -208,8 +208,13 @@ class _Accumulators:
             else:
                 if self.bases is not None:
                     q_s, q_a = self.bases[name]
-                    a, g = a @ q_a, g @ q_s
-                per_sequence = torch.einsum("bto,bti->boi", g, a)
+                    t, o, i = a.shape[1], g.shape[-1], a.shape[-1]
+                    if t * (i * i + o * o) < o * i * (o + i):  # rotate the tokens' vectors, or the row gradients: the cheaper
+                        per_sequence = torch.einsum("bto,bti->boi", g @ q_s, a @ q_a)
+                    else:
+                        per_sequence = q_s.T @ torch.einsum("bto,bti->boi", g, a) @ q_a
+                else:
+                    per_sequence = torch.einsum("bto,bti->boi", g, a)
                 self.sums[f"{name}::L"] += per_sequence.square().sum(dim=0).double()
         self.sequences += n_rows
         self.tokens += n_tokens

@@ -6,15 +6,14 @@ approximate Fisher :math:`\hat F = (Q_A \otimes Q_S)\,\mathrm{diag}(\Lambda)\,(Q
 
 .. math::  Q_S \left[ (Q_S^\top V Q_A) \oslash (\Lambda + \lambda) \right] Q_A^\top
 
-(``kfac``: :math:`\Lambda = \bar T\, \Lambda_S \Lambda_A^\top`; ``ekfac``: the refitted eigenvalues; ``diagonal``:
+(``kfac``: :math:`\Lambda = \Lambda_S \Lambda_A^\top`; ``ekfac``: the refitted eigenvalues; ``diagonal``:
 no rotation, :math:`\Lambda` the diagonal Fisher; ``identity``: ``V`` unchanged, no damping).
 
-K-FAC's factors are means over tokens while the Fisher being approximated is that of whole sequences
-(:math:`\frac1N \sum_n \mathrm{vec}(G_n)\mathrm{vec}(G_n)^\top`, with :math:`G_n` a sum over the sequence's tokens), so
-its eigenvalues are multiplied by :math:`\bar T`, the mean number of tokens per sequence: the approximation
-that pseudo-gradients of different tokens are uncorrelated. This puts K-FAC on the scale of EK-FAC and the
-diagonal (kronfluence leaves it out, which scales all K-FAC scores by the same :math:`1/\bar T` when damping is
-negligible or relative; rankings are the same).
+K-FAC's factors are means over tokens, so its :math:`\hat F = A \otimes S` approximates the Fisher of *one token*
+(:math:`F / \bar T`, with :math:`F` the per-row Fisher and :math:`\bar T` tokens per row, when the pseudo-gradients of
+different tokens are uncorrelated), while EK-FAC's eigenvalues and the diagonal are per row. This is kronfluence's
+convention, kept so that scores agree with it at the same damping: K-FAC scores are about :math:`\bar T` times those
+of EK-FAC, and the same absolute damping weighs :math:`\bar T` times more against K-FAC's curvature.
 
 Damping :math:`\lambda` is a number (default ``1e-8``, kronfluence's default) or ``heuristic``:
 0.1 × the mean of the layer's :math:`\Lambda` (the heuristic kronfluence offers with ``damping_factor=None``).
@@ -61,8 +60,7 @@ class Preconditioner:
             if self.strategy == "identity":
                 continue
             if self.strategy == "kfac":
-                tokens_per_sequence = factors.n_tokens / max(factors.n_sequences, 1)
-                values = torch.outer(layer.gradient_eigenvalues, layer.activation_eigenvalues) * tokens_per_sequence
+                values = torch.outer(layer.gradient_eigenvalues, layer.activation_eigenvalues)
             else:
                 values = layer.lambda_matrix
             if values is None:
