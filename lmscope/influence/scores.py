@@ -11,8 +11,10 @@ preconditioned once; training sequences are then scored in batches from their la
 gradients, one forward and backward pass per batch, with no per-sequence gradient kept.
 
 **Query batching.** With ``rank=r`` each preconditioned query gradient is replaced by its best rank-``r``
-approximation :math:`U_r \Sigma_r V_r^\top` (SVD), stored as two thin factors, so a batch costs
-``Q·B·T·r·(d_out + d_in)`` instead of ``Q·B·d_out·d_in`` (Grosse et al. 2023, §3.2.1).
+approximation :math:`U_r \Sigma_r V_r^\top` (SVD), stored as two thin factors (``r·(d_out + d_in)`` numbers instead
+of ``d_out·d_in`` per query and layer; Grosse et al. 2023, §3.2.1). Each layer is then contracted along the cheaper
+path: through the thin factors token by token (``Q·T·r·(d_out + d_in)`` per row), or through each row's gradient
+(``T·d_out·d_in + Q·d_out·d_in`` per row, with the rank-``r`` matrix rebuilt once); the scores are the same.
 
 **Per-token scores.** :math:`s_{qn} = \sum_t s_{qnt}` with :math:`s_{qnt} = \sum_l g_{n,t}^\top (P_l \nabla_l m_q) \bar a_{n,t}`:
 which tokens of a training sequence carry its influence (the gradient of the loss at token ``t`` flows to
@@ -60,6 +62,15 @@ class PreparedQueries:
     def n_queries(self) -> int:
         return int(self.measurements.shape[0])
 
+    def dense_of(self, name: str) -> Tensor:
+        """``[Q, O, I]``: layer ``name``'s preconditioned query gradients (rebuilt once from the rank-``r`` factors if need be)."""
+        if self.dense is not None and name in self.dense:
+            return self.dense[name]
+        left, right = self.low_rank[name]
+        self.dense = {} if self.dense is None else self.dense
+        self.dense[name] = left @ right
+        return self.dense[name]
+
 
 def prepare_queries(model: nn.Module, modules: dict[str, nn.Linear], queries: TokenBatch, preconditioner: Preconditioner,
                     rank: int | None = None) -> PreparedQueries:
@@ -92,23 +103,25 @@ def score_batch(model: nn.Module, modules: dict[str, nn.Linear], prepared: Prepa
         token_scores = torch.zeros(q, b, t, dtype=torch.float64) if per_token else None
         for name in modules:
             a, g = taps.activations[name], taps.output_grads[name]
-            if prepared.dense is not None:
-                pq = prepared.dense[name].to(a.dtype)
-                if per_token:
-                    contrib = torch.einsum("qoi,bto,bti->qbt", pq, g, a).double()
-                    token_scores += contrib
-                    scores += contrib.sum(dim=2)
-                else:
-                    per_sequence = torch.einsum("bto,bti->boi", g, a)
-                    scores += torch.einsum("qoi,boi->qb", pq, per_sequence).double()
-            else:
-                left, right = prepared.low_rank[name]
+            o, i = g.shape[-1], a.shape[-1]
+            low = prepared.low_rank[name] if prepared.low_rank is not None else None
+            if low is not None and q * t * low[0].shape[-1] * (o + i) <= t * o * i + q * o * i:
+                left, right = low  # the thin factors' path is the cheaper one: Σ_r (g_t·u_r)(v_r·ā_t)
                 u = torch.einsum("bto,qor->qbtr", g, left.to(g.dtype))
                 v = torch.einsum("bti,qri->qbtr", a, right.to(a.dtype))
                 contrib = (u * v).sum(dim=-1).double()
                 scores += contrib.sum(dim=2)
                 if token_scores is not None:
                     token_scores += contrib
+                continue
+            pq = prepared.dense_of(name).to(a.dtype)
+            if per_token:
+                contrib = torch.einsum("qoi,bto,bti->qbt", pq, g, a).double()
+                token_scores += contrib
+                scores += contrib.sum(dim=2)
+            else:
+                per_sequence = torch.einsum("bto,bti->boi", g, a)
+                scores += torch.einsum("qoi,boi->qb", pq, per_sequence).double()
     return scores, token_scores
 
 
