@@ -37,11 +37,14 @@ $(VENV)/.stamp-package: $(VENV)/.stamp-torch pyproject.toml
 # index; kronfluence, for influence functions). kronfluence and its einconv are installed with --no-deps: they
 # declare torchvision, which pip would resolve to a torch other than the pinned one; neither imports it.
 KRONFLUENCE := kronfluence==1.0.1 einconv==0.1.0
+# llama-cpp-python's server: a loopback OpenAI-compatible chat-completions server for the explain tests (builds from source, ~3 min).
+LLAMA_CPP := llama-cpp-python[server]==0.3.36
 dev: $(VENV)/.stamp-dev
 
 $(VENV)/.stamp-dev: $(VENV)/.stamp-package
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps $(KRONFLUENCE)
+	$(PIP) install --quiet '$(LLAMA_CPP)'
 	$(PY) -c 'import torch, sys; v = torch.__version__.split("+")[0]; sys.exit(0 if v == "$(TORCH_VERSION)" else f"torch {v} replaced the pinned $(TORCH_VERSION); a dependency asked for another torch")'
 	touch $@
 
