@@ -1,0 +1,1 @@
+"""Automated explanations of neurons and SAE features, scored by simulation, detection and fuzzing."""
