@@ -37,7 +37,7 @@ def _root(
 
 
 def _register() -> None:
-    from lmscope.cli import activations, corpus, evals, index, influence, models, replay, results, sae, sae_track, study, suite_train, suites, trace  # noqa: F401
+    from lmscope.cli import activations, corpus, evals, explain, index, influence, models, replay, results, sae, sae_track, study, suite_train, suites, trace  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

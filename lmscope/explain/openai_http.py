@@ -50,6 +50,7 @@ class OpenAIChatModel:
         backoff: the first retry waits ``backoff`` seconds, each later one twice as long (or as long as
             a numeric ``Retry-After`` header asks, when that is longer).
         sleep: how to wait (tests pass a recorder).
+        concurrency: requests in flight at once in :meth:`complete_many`.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class OpenAIChatModel:
         max_retries: int = 5,
         backoff: float = 0.5,
         sleep: Callable[[float], Any] = time.sleep,
+        concurrency: int = 4,
     ) -> None:
         url = base_url.strip().rstrip("/")
         if not url.startswith(("http://", "https://")):
@@ -81,6 +83,7 @@ class OpenAIChatModel:
         self.max_retries = max_retries
         self.backoff = backoff
         self.sleep = sleep
+        self.concurrency = max(1, concurrency)
         self._served: list[str] | None = None  # model ids from GET /models, once checked
 
     @property
@@ -104,6 +107,19 @@ class OpenAIChatModel:
             payload["top_logprobs"] = request.top_logprobs
         answer = self._call("POST", "/chat/completions", payload)
         return self._parse(answer, request)
+
+    def complete_many(self, requests: list[ChatRequest]) -> list[ChatResponse]:
+        """Answer ``requests`` with up to ``concurrency`` calls in flight (servers batch concurrent requests)."""
+        if not requests:
+            return []
+        if self._served is None:
+            self._check_model()
+        if self.concurrency == 1 or len(requests) == 1:
+            return [self.complete(r) for r in requests]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests))) as pool:
+            return list(pool.map(self.complete, requests))
 
     # -- the model check ------------------------------------------------------------------------------
 

@@ -204,7 +204,7 @@ def _decode(tokenizer: Any, ids: list[int]) -> str | None:
 def _examples(store: Any, hook: str, chosen: Tensor, top_values: Tensor, top_rows: Tensor, sample_keys: Tensor,
               sample_rows: Tensor, window: tuple[int, int], tokenizer: Any, replay: Any, encode: Any) -> pa.Table:
     meta = store.metadata
-    doc_ids, domains = _document_lookup(store)
+    doc_ids, domains = document_lookup(store)
     wanted: list[tuple[int, str, int, int, float | None]] = []  # (feature position, kind, rank, row, activation)
     top_v, top_r = top_values.numpy(), top_rows.numpy()
     finite, sample_r = np.isfinite(sample_keys.numpy()), sample_rows.numpy()
@@ -236,7 +236,7 @@ def _examples(store: Any, hook: str, chosen: Tensor, top_values: Tensor, top_row
             "token_index": same.index(row), "context_text": _decode(tokenizer, tokens),
             "context_pieces": None if tokenizer is None else [tokenizer.decode([t]) for t in tokens],
             "token_text": _decode(tokenizer, [int(meta["token"][row])]),
-            "steps_seen": _steps_seen(replay, doc_ids.get(doc_index), position, exposures_cache),
+            "steps_seen": steps_seen(replay, doc_ids.get(doc_index), position, exposures_cache),
         }
         records.append(record)
     return pa.Table.from_pylist(records, schema=_EXAMPLE_SCHEMA)
@@ -250,7 +250,7 @@ _EXAMPLE_SCHEMA = pa.schema([
 ])
 
 
-def _document_lookup(store: Any) -> tuple[dict[int, str], dict[int, str]]:
+def document_lookup(store: Any) -> tuple[dict[int, str], dict[int, str]]:
     table = store.documents
     if table is None:
         return {}, {}
@@ -260,7 +260,7 @@ def _document_lookup(store: Any) -> tuple[dict[int, str], dict[int, str]]:
     return ids, domains
 
 
-def _steps_seen(replay: Any, doc_id: str | None, position: int, cache: dict[tuple[int, int], list[int]]) -> list[int] | None:
+def steps_seen(replay: Any, doc_id: str | None, position: int, cache: dict[tuple[int, int], list[int]]) -> list[int] | None:
     """Training steps whose batch held token ``position`` of document ``doc_id`` (None without a replay source)."""
     if replay is None or doc_id is None or position < 0:
         return None
