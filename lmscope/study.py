@@ -190,6 +190,46 @@ class InfluenceStudyConfig:
 
 
 @dataclass
+class ExplainStudyConfig:
+    """Explanations of the study SAE's features and of neurons of the same layer (``lmscope explain``'s settings)."""
+
+    enabled: bool = True
+    """Explain and score units (needs a suite and the [sae] step)."""
+    explainer: str = "default"
+    """The explainer: a local model spec (``default``: SmolLM2-135M-Instruct), or with ``base_url`` a served model id."""
+    base_url: str = ""
+    """An OpenAI-compatible API base (``http://host:port/v1``); empty: run ``explainer`` locally."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the server's API key."""
+    features: int = 4
+    """SAE features explained (a seeded draw among those that fire on 0.01 %–90 % of tokens)."""
+    neurons: int = 4
+    """Neurons of ``neuron_hook`` explained, drawn the same way."""
+    neuron_hook: str = "blocks.1.mlp.hook_post"
+    """Hook whose neurons are explained (the MLP of the [sae] hook's layer), captured on the same text."""
+    window: int = 16
+    """Tokens per record."""
+    top: int = 2
+    """Top-activating records shown to the explainer, and as many held out for scoring."""
+    quantile: int = 1
+    """Records from lower activation quantiles, shown and held out."""
+    random: int = 2
+    """Random records the simulator also scores."""
+    quiet: int = 3
+    """Non-activating records: detection's negatives."""
+    track: bool = True
+    """Explain the longest-lived lineage of the [sae] feature track at each of its checkpoints."""
+    cards: int = 8
+    """Explanation cards shown in the report."""
+
+    def __post_init__(self) -> None:
+        if self.features < 0 or self.neurons < 0 or self.cards < 0 or min(self.window, self.top) < 1:
+            raise LmscopeError("[explain] features, neurons and cards must be non-negative and window, top positive.")
+        if self.features == 1 or self.neurons == 1:
+            raise LmscopeError("[explain] features and neurons must each be 0 or at least 2 (the shuffled baseline pairs units).")
+
+
+@dataclass
 class StudyConfig:
     """A study: one model, one corpus, and what to measure. The same object feeds the CLI, the TOML file and the API."""
 
@@ -216,6 +256,8 @@ class StudyConfig:
     """Generations of one suite checkpoint traced into the training data (skipped when there is no suite)."""
     influence: InfluenceStudyConfig = field(default_factory=InfluenceStudyConfig)
     """Influence functions: which training rows raised the probability of the traced generations (skipped when there is no suite)."""
+    explain: ExplainStudyConfig = field(default_factory=ExplainStudyConfig)
+    """Automated explanations of SAE features and neurons, scored (skipped when there is no suite or no SAE)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.activations, dict):
@@ -228,6 +270,8 @@ class StudyConfig:
             self.trace = _from_mapping(TraceStudyConfig, self.trace, "[trace]")
         if isinstance(self.influence, dict):
             self.influence = _from_mapping(InfluenceStudyConfig, self.influence, "[influence]")
+        if isinstance(self.explain, dict):
+            self.explain = _from_mapping(ExplainStudyConfig, self.explain, "[explain]")
         if not self.name or any(ch in self.name for ch in "/\\") or self.name.startswith("."):
             raise LmscopeError(f"study name {self.name!r} must be a plain directory name (no slashes, not hidden).")
 
@@ -508,6 +552,86 @@ def _run_influence(config: StudyConfig, suite_dir: Path, run_dir: Path, trace_su
     return {**summary, "out": "influence", "size": ic.size, "queries_from": source, "identity": identity, "model": spec}
 
 
+def _run_explain(config: StudyConfig, suite_dir: Path, run_dir: Path, sae_summary: dict[str, Any],
+                 track_summary: dict[str, Any] | None, hooked: Any, progress: Progress) -> dict[str, Any]:
+    """Explain and score the study SAE's features and the neurons of ``[explain] neuron_hook`` in ``run_dir/explain``."""
+    from lmscope.activations.job import capture_corpus_activations
+    from lmscope.activations.reader import ActivationStore
+    from lmscope.data.tokenized import TokenizedCorpus
+    from lmscope.explain.explainer import ExplainerConfig, open_chat_model
+    from lmscope.explain.job import ExplainSettings, run_explain
+    from lmscope.explain.records import RecordSettings, UnitSource
+    from lmscope.models.hooks import HookedModel
+    from lmscope.sae.io import load_sae
+    from lmscope.suites.replay import MiniSuiteSource
+
+    ec, sc = config.explain, config.sae
+    out = run_dir / "explain"
+    explainer = ExplainerConfig(model=ec.explainer, base_url=ec.base_url or None, api_key_env=ec.api_key_env)
+    reuse = (hooked.model, hooked.tokenizer) if not ec.base_url and ec.explainer == config.model else None
+    model = open_chat_model(explainer, device=config.device, loaded=reuse)
+    records = RecordSettings(window=ec.window, after=min(4, ec.window - 1), top=ec.top, quantile=ec.quantile, random=ec.random,
+                             quiet=ec.quiet)
+    studied = HookedModel.from_spec(sae_summary["model"], device=config.device)
+    replay = MiniSuiteSource(suite_dir)
+    identity = sae_summary.get("identity") or {}
+    summary: dict[str, Any] = {"out": "explain", "explainer": model.identity, "model": sae_summary["model"], "runs": {}}
+    if ec.features:
+        sae, _ = load_sae(Path(sae_summary["sae"]))
+        source = UnitSource(ActivationStore.open(sae_summary["store"]), sae.shape.hook, sae)
+        summary["runs"]["features"] = run_explain(model, source, out / "features", ExplainSettings(n=ec.features, records=records),
+                                                  tokenizer=studied.tokenizer, replay=replay, identity=identity,
+                                                  label=f"sae {sc.hook}", progress=progress)
+    if ec.neurons:
+        store_dir = out / "neuron-activations"
+        studied.hook_point(ec.neuron_hook)
+        capture_corpus_activations(studied, TokenizedCorpus.open(suite_dir / "corpus"), [ec.neuron_hook], sc.tokens, 128, store_dir,
+                                   split="train", meta={"model": sae_summary["model"]}, progress=progress)
+        source = UnitSource(ActivationStore.open(store_dir), ec.neuron_hook)
+        summary["runs"]["neurons"] = run_explain(model, source, out / "neurons", ExplainSettings(n=ec.neurons, records=records),
+                                                 tokenizer=studied.tokenizer, replay=replay, identity=identity,
+                                                 progress=progress)
+    if ec.track and track_summary is not None:
+        summary["track"] = _explain_lineage(model, run_dir / track_summary["out"], out / "track", records, studied.tokenizer,
+                                            replay, progress)
+    tables = [out / name / "results.parquet" for name in ("features", "neurons") if (out / name / "results.parquet").is_file()]
+    if tables:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from lmscope.results.schema import write_results
+
+        write_results(pa.concat_tables([pq.read_table(t) for t in tables], promote_options="default"),
+                      run_dir / "results" / "explain.parquet")
+    summary["cards"] = ec.cards
+    return summary
+
+
+def _explain_lineage(model: Any, track_dir: Path, out: Path, records: Any, tokenizer: Any, replay: Any,
+                     progress: Progress) -> dict[str, Any]:
+    """The longest-lived lineage of a feature track, explained and scored at each checkpoint where it is alive."""
+    from lmscope.activations.reader import ActivationStore
+    from lmscope.explain.job import ExplainSettings, run_explain
+    from lmscope.explain.records import UnitSource
+    from lmscope.sae.io import load_sae
+    from lmscope.sae.track import pick_lineages, read_track
+
+    timeline, _, _ = read_track(track_dir)
+    lineage = pick_lineages(timeline, 1)[0]
+    history = []
+    for row in sorted((r for r in timeline.to_pylist() if r["lineage"] == lineage), key=lambda r: r["step"]):
+        step_dir = track_dir / f"step{row['step']}"
+        sae, _ = load_sae(step_dir / "sae")
+        source = UnitSource(ActivationStore.open(step_dir / "activations"), sae.shape.hook, sae)
+        result = run_explain(model, source, out / f"step{row['step']}", ExplainSettings(units=(row["feature"],), baseline=False,
+                                                                                         records=records),
+                             tokenizer=tokenizer, replay=replay, progress=progress)
+        history.append({"step": row["step"], "latent": row["feature"], "density": row["density"],
+                        "explanation": result["explanations"][str(row["feature"])], "simulation": result["median"]["simulation"],
+                        "detection": result["median"]["detection"], "fuzzing": result["median"]["fuzzing"]})
+    return {"lineage": lineage, "history": history}
+
+
 def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", progress: Progress = no_progress) -> dict[str, Any]:
     """Run a study into ``runs_dir/<config.name>`` and return its summary (also written to ``summary.json``)."""
     from lmscope.activations.job import capture_corpus_activations
@@ -604,6 +728,12 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         influence_summary = _run_influence(config, Path(suite_summary["path"]), run_dir, trace_summary, progress)
         timings["influence_s"] = time.perf_counter() - clock
 
+    explain_summary = None
+    if sae_summary is not None and config.explain.enabled and (config.explain.features or config.explain.neurons):
+        clock = time.perf_counter()
+        explain_summary = _run_explain(config, Path(suite_summary["path"]), run_dir, sae_summary, track_summary, hooked, progress)
+        timings["explain_s"] = time.perf_counter() - clock
+
     corpus_stats = {"path": str(corpus_dir), "documents": len(corpus), "tokens": int(corpus.n_tokens), "domains": corpus.domains}
     summary = {
         "study": config.name,
@@ -620,6 +750,7 @@ def run_study(config: StudyConfig, runs_dir: str | os.PathLike[str] = "runs", pr
         "sae_track": track_summary,
         "trace": trace_summary,
         "influence": influence_summary,
+        "explain": explain_summary,
         "timings": timings,
     }
     _write_study_results(run_dir, config, summary)

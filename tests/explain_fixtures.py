@@ -37,13 +37,26 @@ def explain_store(root: Path) -> dict:
     return {"suite": suite, "store": ActivationStore.open(root / "store"), "detected": detected, "root": root}
 
 
-def tiny_chat_model(directory: Path | None = None, seed: int = 0):
-    """A random 2-layer Llama with SmolLM2's tokenizer and chat template (needs `make model`); saved to ``directory`` if given."""
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_chat_model(directory: Path | None = None, seed: int = 0, tokenizer_dir: Path | None = None):
+    """A random 2-layer Llama with a chat template; saved to ``directory`` if given.
+
+    The tokenizer is SmolLM2's (needs `make model`), or, with ``tokenizer_dir``, the ``tokenizer.json`` there
+    (e.g. a mini suite's) given a plain chat template, for tests that must not need the default model.
+    """
     import transformers
 
-    from lmscope.models.loading import default_model_dir
+    if tokenizer_dir is None:
+        from lmscope.models.loading import default_model_dir
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(default_model_dir()))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(default_model_dir()))
+    else:
+        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(Path(tokenizer_dir) / "tokenizer.json"),
+                                                         eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        tokenizer.chat_template = CHAT_TEMPLATE
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=4096,
                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -445,10 +445,14 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     import pyarrow.parquet as pq
 
     from lmscope.evals.sweep import METRICS
-    from lmscope.study import ActivationsConfig, EvalConfig, InfluenceStudyConfig, SaeStudyConfig, StudyConfig, TraceStudyConfig, run_study
+    from explain_fixtures import tiny_chat_model
+    from lmscope.study import (ActivationsConfig, EvalConfig, ExplainStudyConfig, InfluenceStudyConfig, SaeStudyConfig, StudyConfig,
+                               TraceStudyConfig, run_study)
     from lmscope.suites.replay import open_source, replay_step
 
     suite = trained["suite"]
+    explainer = tmp_path / "explainer"  # a tiny random chat model: the pipeline is under test here, not the explainer's wit
+    tiny_chat_model(explainer, tokenizer_dir=suite / "tokenizer")
     config = StudyConfig(name="mini", model=f"{suite}/s32@step{STEPS}", corpus=str(suite / "corpus"), device="cpu",
                          suite=str(suite), activations=ActivationsConfig(hooks=["blocks.0.hook_resid_post"], tokens=256, ctx=32),
                          eval=EvalConfig(select=f"0,{STEPS}", documents_per_domain=2, memorization_sequences=16),
@@ -456,7 +460,9 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
                                             epochs=2, batch_size=256, cards=3, track_select=f"0,{STEPS}", track_cards=2),
                          trace=TraceStudyConfig(size="s64", prompts=["def ", "import "], max_new_tokens=24, min_length=3),
                          influence=InfluenceStudyConfig(size="s64", select=f"10,{STEPS}", fit_rows=32, candidates_top=24, top=3,
-                                                        completion_tokens=8))
+                                                        completion_tokens=8),
+                         explain=ExplainStudyConfig(explainer=str(explainer), features=2, neurons=2, neuron_hook="blocks.1.mlp.hook_post",
+                                                    window=6, top=1, quantile=0, random=1, quiet=1, cards=2))
     result = run_study(config, tmp_path)
     summary = result["suite"]
     check = trained["summary"]
@@ -482,7 +488,7 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     page = (run / "report.html").read_text()
     images = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,", page)
     trace_cards = sum(min(6, t["documents"]) for t in result["trace"]["traces"])  # up to six documents per trace
-    assert page.count("<div class='card'>") == 3 + 2 + trace_cards and "Sparse autoencoder features" in page
+    assert page.count("<div class='card'>") == 3 + 2 + trace_cards + 2 and "Sparse autoencoder features" in page
     assert "Features across training" in page and "lineage " in page
     track = result["sae_track"]
     assert track["steps"] == [0, STEPS] and (run / "results" / "sae_track.parquet").is_file()
@@ -535,7 +541,19 @@ def test_study_on_a_trained_suite_reports_learning_and_step0(trained: dict, tmp_
     assert len(positions) >= 24 and all(0 <= p < BATCH * STEPS for p in positions)
     influence_rows = pq.read_table(run / "results" / "influence.parquet").to_pylist()
     assert {r["metric"] for r in influence_rows} == {"influence_completion_logprob", "influence_top_score", "influence_top_rows_seen"}
-    assert len(images) == 11 and "Memorization of training sequences against when they were seen" in images
+    # explanations: the SAE's features and the MLP's neurons, each scored with its own and a shuffled explanation, and the
+    # track's longest-lived lineage explained at each checkpoint where it is alive
+    explain = result["explain"]
+    assert set(explain["runs"]) == {"features", "neurons"} and "automated explanations" in page
+    explain_rows = pq.read_table(run / "results" / "explain.parquet").to_pylist()
+    assert {(r["unit_kind"], r["explanation_source"]) for r in explain_rows} == {
+        (kind, source) for kind in ("feature", "neuron") for source in ("own", "shuffled")}
+    assert {r["model"] for r in explain_rows} == {"s32"} and {r["step"] for r in explain_rows} == {STEPS}
+    timeline = pq.read_table(run / "sae-track" / "timeline.parquet").to_pylist()
+    lineage = explain["track"]["lineage"]
+    assert [h["step"] for h in explain["track"]["history"]] == sorted(r["step"] for r in timeline if r["lineage"] == lineage)
+    assert len(images) == 12 and "Memorization of training sequences against when they were seen" in images
+    assert "Explanation scores: SAE features against neurons, own explanations against shuffled ones" in images
     assert "Influence against the step each row was trained at" in images
     assert "SAE latents across training" in images
     # nothing loaded by URL (the corpus text shown in cards may mention URLs, escaped, as text)

@@ -247,6 +247,78 @@ def _influence_section(run_dir: Path, influence: dict[str, Any], trace: dict[str
     return Section("Which training rows made the model say this (influence functions)", paragraphs, items)
 
 
+def _record_source(record: dict[str, Any]) -> str:
+    from lmscope.report.feature_cards import _source
+
+    return f"{record['record_kind']}: " + _source(record)
+
+
+def _explain_section(run_dir: Path, explain: dict[str, Any]) -> Section:
+    """Explanations of features and neurons: score distributions against the shuffled baseline, cards, a lineage over time."""
+    import pyarrow.parquet as pq
+
+    from lmscope.report.html import ActivationLine, ExplanationCard, ExplanationCards, Figure
+    from lmscope.report.plots import plot_explanation_scores
+    from lmscope.report.readings import explanation_scores
+
+    out = run_dir / explain["out"]
+    explainer = explain["explainer"]
+    runs = explain.get("runs", {})
+    what = " and ".join(f"{len(r['units'])} {r['kind']}s of {r['hook']}" for r in runs.values())
+    paragraphs = [
+        f"A language model ({explainer.get('model')}, {explainer.get('backend')}) read the top-activating records of {what} of "
+        f"{explain['model']} (tokens where the unit is active marked, with their activation on a 0–10 scale, as in OpenAI's "
+        "\"Language models can explain neurons\") and wrote one short explanation per unit. Each explanation was then scored "
+        "on held-out records it never saw: simulation (the model, given only the explanation, predicts each token's "
+        "activation; the score is the correlation of its expected value with the truth), detection (does the unit fire "
+        "anywhere in this text: balanced accuracy over activating and quiet texts) and fuzzing (are the marked tokens the "
+        "active ones: balanced accuracy over right and random marks), the last two as in EleutherAI's delphi.",
+        "Every unit is also scored with another unit's explanation (shuffled): that is chance for this explainer and these "
+        "records, and an explanation is worth what it scores above it. Scores are rows of results/explain.parquet "
+        "(metrics explain_*, column explanation_source own or shuffled).",
+    ]
+    items: list[Any] = []
+    results_path = run_dir / "results" / "explain.parquet"
+    if results_path.is_file():
+        results = pq.read_table(results_path)
+        png = plot_explanation_scores(results, run_dir / "figures" / "explanation_scores.png")
+        items.append(Figure("Explanation scores: SAE features against neurons, own explanations against shuffled ones", png,
+                            explanation_scores(results),
+                            "Each dot is one unit; the bar is the median; the dotted line is chance. Pale dots: the same units "
+                            "scored with another unit's explanation."))
+    cards = []
+    for run in runs.values():
+        directory = out / ("features" if run["kind"] == "feature" else "neurons")
+        table = pq.read_table(directory / "explanations.parquet").to_pylist()
+        records = pq.read_table(directory / "records.parquet").to_pylist()
+        for row in table:
+            mine = [r for r in records if r["unit"] == row["unit"]]
+            shown = [r for r in mine if r["group"] == "explain"][:2] + [r for r in mine if r["group"] == "holdout"][:2]
+            lines = []
+            for r in shown:
+                top = max(row["max_activation"], 1e-30)
+                levels = [min(10.0, max(0.0, 10 * a / top)) for a in r["activations"]]
+                lines.append(ActivationLine(r["tokens"], levels, r["predicted"],
+                                            ("shown to the explainer · " if r["group"] == "explain" else "held out · ")
+                                            + _record_source(r)))
+            facts = (f"simulation {row['simulation']:.2f} (shuffled {row.get('baseline_simulation', float('nan')):.2f}) · "
+                     f"detection {row['detection']:.2f} ({row.get('baseline_detection', float('nan')):.2f}) · fuzzing "
+                     f"{row['fuzzing']:.2f} ({row.get('baseline_fuzzing', float('nan')):.2f}) · fires on {row['density']:.2%} of tokens")
+            cards.append(ExplanationCard(f"{row['kind']} {row['unit']} of {row['hook']}", row["explanation"], facts, lines))
+    if cards and explain.get("cards"):
+        per_kind = max(1, explain["cards"] // max(len(runs), 1))
+        chosen = [c for kind in ("feature", "neuron") for c in [c for c in cards if c.title.startswith(kind)][:per_kind]]
+        items.append(ExplanationCards(
+            "Explained units (orange: the true activation, 0–10; blue: what the simulator predicted from the explanation alone; "
+            "each record with its domain, document, position and the training steps that held its strongest token)", chosen))
+    track = explain.get("track")
+    if track:
+        items.append(Table(f"Lineage {track['lineage']} of the feature track, explained at each checkpoint where it is alive",
+                           [{"step": h["step"], "latent": h["latent"], "fires on": f"{h['density']:.2%}",
+                             "explanation": h["explanation"], "simulation": h["simulation"]} for h in track["history"]], 3))
+    return Section("What the units do, in words (automated explanations)", paragraphs, items)
+
+
 def build_report(run_dir: str | os.PathLike[str], summary: dict[str, Any] | None = None,
                  command: str = "lmscope study") -> Path:
     """Write ``run_dir/report.html`` (and ``run_dir/figures/*.png``) from the run's summary and results; returns its path."""
@@ -298,6 +370,9 @@ def build_report(run_dir: str | os.PathLike[str], summary: dict[str, Any] | None
     influence = summary.get("influence")
     if influence:
         sections.append(_influence_section(run_dir, influence, trace))
+    explain = summary.get("explain")
+    if explain:
+        sections.append(_explain_section(run_dir, explain))
 
     activations = summary.get("activations") or []
     if activations:

@@ -120,10 +120,40 @@ class ScoredText:
 
 
 @dataclass
+class ActivationLine:
+    """One record of a unit: its tokens shaded by activation on the 0 … 10 scale, and optionally the simulator's guess."""
+
+    tokens: Sequence[str]
+    levels: Sequence[float]
+    """True activation per token, 0 … 10."""
+    predicted: Sequence[float] | None
+    """The simulator's expected activation per token, 0 … 10 (``None``: not scored)."""
+    source: str
+
+
+@dataclass
+class ExplanationCard:
+    """One explained unit: its explanation, its scores against the shuffled baseline, and records with provenance."""
+
+    title: str
+    explanation: str
+    facts: str
+    records: Sequence[ActivationLine]
+
+
+@dataclass
+class ExplanationCards:
+    """A grid of explanation cards under a title."""
+
+    title: str
+    cards: Sequence[ExplanationCard]
+
+
+@dataclass
 class Section:
     heading: str
     paragraphs: list[str] = field(default_factory=list)
-    items: list[Figure | Table | Cards | Passage | ScoredText] = field(default_factory=list)
+    items: list[Figure | Table | Cards | Passage | ScoredText | ExplanationCards] = field(default_factory=list)
 
 
 def _cell(value: Any, digits: int) -> tuple[str, bool]:
@@ -200,7 +230,32 @@ def _scored(item: ScoredText) -> str:
     return f"<h3>{html.escape(item.title)}</h3><div class='ctx scored'>{''.join(spans)}</div>{caption}"
 
 
-def _item(item: Figure | Table | Cards | Passage | ScoredText) -> str:
+def _levels(tokens: Sequence[str], levels: Sequence[float], rgb: str) -> str:
+    spans = []
+    for token, level in zip(tokens, levels):
+        alpha = min(1.0, max(0.0, float(level) / 10))
+        spans.append(f"<span style='background:rgba({rgb},{alpha:.2f})' title='{float(level):.1f}'>{html.escape(token)}</span>")
+    return "".join(spans)
+
+
+def _explanation_card(card: ExplanationCard) -> str:
+    lines = []
+    for record in card.records:
+        true = f"<div class='ctx scored'>{_levels(record.tokens, record.levels, '255,152,0')} <span class='src'>{html.escape(record.source)}</span></div>"
+        guess = "" if record.predicted is None else \
+            f"<div class='ctx scored'>{_levels(record.tokens, record.predicted, '92,107,192')} <span class='src'>simulated</span></div>"
+        lines.append(true + guess)
+    return (f"<div class='card'><h4>{html.escape(card.title)}</h4><p><b>{html.escape(card.explanation)}</b></p>"
+            f"<p class='facts'>{html.escape(card.facts)}</p>{''.join(lines)}</div>")
+
+
+def _explanation_cards(cards: ExplanationCards) -> str:
+    return f"<h3>{html.escape(cards.title)}</h3><div class='cards'>{''.join(_explanation_card(c) for c in cards.cards)}</div>"
+
+
+def _item(item: Figure | Table | Cards | Passage | ScoredText | ExplanationCards) -> str:
+    if isinstance(item, ExplanationCards):
+        return _explanation_cards(item)
     if isinstance(item, ScoredText):
         return _scored(item)
     if isinstance(item, Figure):

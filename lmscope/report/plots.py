@@ -377,3 +377,35 @@ def plot_influence_by_exposure(scores: Rows, checkpoint_step: int, titles: list[
             axis.legend(fontsize=7)
     figure.tight_layout()
     return _save(figure, out_png)
+
+
+EXPLAIN_SCORES = (("simulation", "simulation (correlation)", 0.0), ("detection", "detection (balanced accuracy)", 0.5),
+                  ("fuzzing", "fuzzing (balanced accuracy)", 0.5))
+
+
+def plot_explanation_scores(results: Rows, out_png: str | os.PathLike[str]) -> Path:
+    """Scores of explanations (``explain_*`` rows): per score, one column of dots per unit kind, own and shuffled."""
+    plt = _pyplot()
+    rows = [r for r in _rows(results) if str(r.get("metric", "")).startswith("explain_")]
+    if not rows:
+        raise LmscopeError("no explain_* results to plot; run `lmscope explain` first.")
+    kinds = sorted({r["unit_kind"] for r in rows})
+    groups = [(kind, source) for kind in kinds for source in ("own", "shuffled")]
+    figure, axes = _panels(plt, len(EXPLAIN_SCORES), width=3.6, height=3.6)
+    rng = np.random.default_rng(0)
+    for axis, (name, title, chance) in zip(axes, EXPLAIN_SCORES):
+        for x, (kind, source) in enumerate(groups):
+            values = [r["value"] for r in rows if r["metric"] == f"explain_{name}" and r["unit_kind"] == kind
+                      and r["explanation_source"] == source]
+            if not values:
+                continue
+            colour = "#e65100" if kind == "feature" else "#3949ab"
+            axis.scatter(x + rng.uniform(-0.12, 0.12, len(values)), values, s=16, color=colour,
+                         alpha=0.9 if source == "own" else 0.35, edgecolors="none")
+            axis.hlines(float(np.median(values)), x - 0.3, x + 0.3, color="black", linewidth=1.5)
+        axis.axhline(chance, color="grey", linestyle=":", linewidth=1)
+        axis.set_xticks(range(len(groups)), [f"{kind}s\n{source}" for kind, source in groups], fontsize=7)
+        axis.set_title(title, fontsize=9)
+        axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    return _save(figure, out_png)

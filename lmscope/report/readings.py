@@ -171,3 +171,31 @@ def feature_track(summary: Rows) -> str | None:
     return (f"Of {last['width']:,} latents, {first['alive']:,} fire at step {first['step']} and {last['alive']:,} at step "
             f"{last['step']}; at the last checkpoint {last['matched']:,} continue a latent of the previous one{cosine} and "
             f"{last['born']:,} are new. Over the whole run {born:,} lineages were born and {died:,} died.")
+
+
+def explanation_scores(results: Rows) -> str | None:
+    """Median simulation score of each unit kind against its shuffled baseline, and detection's likewise."""
+    import numpy as np
+
+    rows = [r for r in _rows(results) if str(r.get("metric", "")).startswith("explain_")]
+    if not rows:
+        return None
+
+    def median(metric: str, kind: str, source: str) -> float | None:
+        values = [r["value"] for r in rows if r["metric"] == metric and r["unit_kind"] == kind and r["explanation_source"] == source]
+        return float(np.median(values)) if values else None
+
+    parts = []
+    for kind in sorted({r["unit_kind"] for r in rows}):
+        own, shuffled = median("explain_simulation", kind, "own"), median("explain_simulation", kind, "shuffled")
+        n = sum(1 for r in rows if r["metric"] == "explain_simulation" and r["unit_kind"] == kind and r["explanation_source"] == "own")
+        if own is None:
+            continue
+        text = f"{kind}s ({n}): median simulation correlation {own:.2f}"
+        if shuffled is not None:
+            text += f" (shuffled explanations {shuffled:.2f})"
+        detect, detect_shuffled = median("explain_detection", kind, "own"), median("explain_detection", kind, "shuffled")
+        if detect is not None:
+            text += f", detection {detect:.2f}" + (f" ({detect_shuffled:.2f})" if detect_shuffled is not None else "")
+        parts.append(text)
+    return ("; ".join(parts) + ".") if parts else None
