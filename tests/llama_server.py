@@ -76,11 +76,11 @@ def wait_ready(server: LlamaServer, timeout: float = READY_TIMEOUT_S) -> None:
     pytest.fail(f"llama_cpp.server did not answer GET /v1/models within {timeout:.0f} s:\n{_log_tail(server.log)}")
 
 
-def start_server(gguf: Path, *, api_key: str = API_KEY, log_dir: Path | None = None) -> LlamaServer:
+def start_server(gguf: Path, *, api_key: str = API_KEY, log_dir: Path | None = None, threads: int = 1) -> LlamaServer:
     """Start ``python -m llama_cpp.server`` on a free loopback port and wait until it answers.
 
     No flag is needed for log-probabilities: the server's ``logits_all`` setting defaults to true.
-    ``--n_threads 2`` because this machine has two cores and other jobs on them.
+    One thread by default (``threads``): on a busy 2-core machine two llama.cpp threads wait on each other.
     """
     missing = [name for name in ("llama_cpp", "fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
@@ -91,7 +91,7 @@ def start_server(gguf: Path, *, api_key: str = API_KEY, log_dir: Path | None = N
         sys.executable, "-m", "llama_cpp.server",
         "--model", str(gguf), "--model_alias", MODEL_ALIAS,
         "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "2048", "--seed", str(SEED), "--n_threads", "1", "--n_threads_batch", "1",
+        "--n_ctx", "2048", "--seed", str(SEED), "--n_threads", str(threads), "--n_threads_batch", str(threads),
         "--api_key", api_key,
     ]
     started = time.monotonic()
