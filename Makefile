@@ -86,6 +86,7 @@ bench: setup dev
 	$(PY) bench/index.py
 	$(PY) bench/sae.py
 	$(PY) bench/influence.py
+	$(PY) bench/explain.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
