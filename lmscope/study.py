@@ -575,7 +575,8 @@ def _run_explain(config: StudyConfig, suite_dir: Path, run_dir: Path, sae_summar
     studied = HookedModel.from_spec(sae_summary["model"], device=config.device)
     replay = MiniSuiteSource(suite_dir)
     identity = sae_summary.get("identity") or {}
-    summary: dict[str, Any] = {"out": "explain", "explainer": model.identity, "model": sae_summary["model"], "runs": {}}
+    label = f"{identity['model']} at step {identity['step']}" if identity.get("step") is not None else sae_summary["model"]
+    summary: dict[str, Any] = {"out": "explain", "explainer": model.identity, "model": label, "runs": {}}
     if ec.features:
         sae, _ = load_sae(Path(sae_summary["sae"]))
         source = UnitSource(ActivationStore.open(sae_summary["store"]), sae.shape.hook, sae)

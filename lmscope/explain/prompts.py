@@ -20,9 +20,8 @@ EXPLAIN_SYSTEM = (
     "You are studying one {unit} inside a language model. Each example below is a piece of text in which the "
     "tokens where the {unit} is active are marked <<like this>>, followed by those tokens and how strongly the "
     "{unit} responds to each, from 1 (weak) to 10 (strongest). Find what the marked tokens have in common and "
-    "describe it in one short phrase, for example: the word \"the\" at the start of a sentence; closing brackets "
-    "in code; verbs in the past tense. Reply with the phrase only."
-)
+    "describe it in one short phrase. Reply with the phrase only."
+)  # no example phrases: a small explainer copies the first one it is shown
 SIMULATE_SYSTEM = (
     "You predict how strongly one {unit} of a language model responds to each token of a text, given a "
     "description of what the {unit} responds to. Write one line per token: the token, a tab, and a whole "
@@ -74,8 +73,10 @@ def explain_request(records: Sequence[ActivationRecord], max_activation: float, 
 
 
 def clean_explanation(text: str) -> str:
-    """The first line of an answer without quotes, a trailing full stop or a leading "This neuron responds to"."""
-    line = text.strip().split("\n")[0].strip().strip("\"'`").strip()
+    """The first sentence of an answer's first line, without quotes, a trailing full stop or a leading "This neuron responds to"."""
+    line = text.strip().split("\n")[0].strip()
+    end = line.find(". ")
+    line = (line[:end] if end > 0 else line).strip().strip("\"'`").strip()
     for lead in ("this neuron responds to", "this feature responds to", "the neuron responds to", "the feature responds to",
                  "it responds to", "responds to"):
         if line.lower().startswith(lead):
