@@ -164,15 +164,7 @@ class CachedChatModel:
         return self.inner.identity
 
     def complete(self, request: ChatRequest) -> ChatResponse:
-        if request.temperature != 0:
-            return self.inner.complete(request)
-        key = request_key(self.identity, request.to_json())
-        hit = self.cache.get(key)
-        if hit is not None:
-            return ChatResponse.from_json(hit)
-        response = self.inner.complete(request)
-        self.cache.put(key, response.to_json())
-        return response
+        return self.complete_many([request])[0]
 
     def complete_many(self, requests: list[ChatRequest]) -> list[ChatResponse]:
         """Answer ``requests``: cached ones from disk, the others together (in one batch where the backend can)."""

@@ -117,13 +117,14 @@ def run_explain(model: ChatModel, source: UnitSource, out_dir: str | os.PathLike
             if (unit_dir / f"{source.kind}-{u}.json").is_file()}
     todo = [u for u in units if u not in done]
     if todo:
-        records = unit_records(source, units, settings.records, tokenizer=tokenizer, replay=replay, progress=progress)
+        # Records and explanations only for the units still to do; each unit's records depend on it alone.
+        records = unit_records(source, todo, settings.records, tokenizer=tokenizer, replay=replay, progress=progress)
         by_unit = {r.unit: r for r in records}
-        progress("explain", 0, len(units))
+        progress("explain", 0, len(todo))
         answers = complete_all(model, [explain_request(r.explain, r.max_activation, source.kind) for r in records])
         explanations = {r.unit: clean_explanation(a.text) for r, a in zip(records, answers)}
         explanations |= {u: entry["explanation"] for u, entry in done.items()}  # finished units keep theirs
-        progress("explain", len(units), len(units))
+        progress("explain", len(todo), len(todo))
         shuffled = derangement(len(units), settings.seed) if settings.baseline else None
         progress("score", len(done), len(units))
         for i, unit in enumerate(units):

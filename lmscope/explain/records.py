@@ -246,15 +246,13 @@ def unit_records(source: UnitSource, units: list[int], settings: RecordSettings 
 
     progress("activation records", 0, len(units) + 1)
     acts = source.activations(units)  # [n_rows, n_units]
-    _, density = acts.max(dim=0).values.numpy(), (acts > 0).double().mean(dim=0).numpy()
-    context_of_row = np.repeat(np.arange(len(ids)), counts)
+    density = (acts > 0).double().mean(dim=0).numpy()
     progress("activation records", 1, len(units) + 1)
     out = []
     for j, unit in enumerate(units):
         a = acts[:, j].numpy()
         maximum = float(a.max())
-        per_context = np.full(len(ids), -np.inf)
-        np.maximum.at(per_context, context_of_row, a)
+        per_context = np.maximum.reduceat(a, first)  # contexts are contiguous runs of rows starting at ``first``
         argmax = np.empty(len(ids), dtype=np.int64)
         for c in range(len(ids)):  # first row of the maximum within each context
             argmax[c] = first[c] + int(np.argmax(a[first[c] : first[c] + counts[c]]))
